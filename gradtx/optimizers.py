@@ -1,0 +1,125 @@
+"""The optimizers of the course, with Keras 3's argument names, defaults and numerics.
+
+Each is a `chain` of primitives from `gradtx.transforms`, so its state holds one step counter and its
+hyperparameters as float32 arrays: read them with `gradtx.hyperparams`, change them between steps with
+`gradtx.set_hyperparams`, sweep them with `jax.vmap`. Every hyperparameter may be a float, a JAX scalar
+or a schedule ``step -> value``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradtx import transforms
+from gradtx.base import Transformation, chain
+from gradtx.hyperparams import Hyper, is_concrete
+
+
+def _is_zero(x: Hyper) -> bool:
+    # A momentum of exactly 0 skips the velocity buffer, as Keras does. A traced or scheduled value
+    # keeps it, so a vmapped sweep over momentum may include 0.
+    return not callable(x) and is_concrete(x) and np.ndim(x) == 0 and float(np.asarray(x)) == 0.0
+
+
+def sgd(learning_rate: Hyper = 0.01, momentum: Hyper = 0.0, nesterov: bool = False) -> Transformation:
+    """Gradient descent, with momentum or Nesterov momentum (NAG):
+
+    ``m <- momentum*m - eta*grad;  theta <- theta + m``  (``theta <- theta + momentum*m - eta*grad`` with
+    ``nesterov``);  plain ``theta <- theta - eta*grad`` when ``momentum == 0``.  (Keras ``SGD``.)
+    """
+    if nesterov and _is_zero(momentum):
+        raise ValueError("sgd: nesterov=True needs a momentum > 0, got momentum=0.0")
+    parts = [transforms.scale_by_learning_rate(learning_rate)]
+    if not _is_zero(momentum):
+        parts.append(transforms.momentum(momentum, nesterov))
+    return chain(*parts)
+
+
+def adagrad(
+    learning_rate: Hyper = 0.001, initial_accumulator_value: float = 0.1, epsilon: Hyper = 1e-7
+) -> Transformation:
+    """AdaGrad:  ``s <- s + grad^2;  theta <- theta - eta*grad / sqrt(s + eps)``.  (Keras ``Adagrad``.)"""
+    return chain(
+        transforms.scale_by_adagrad(initial_accumulator_value, epsilon),
+        transforms.scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(
+    learning_rate: Hyper = 0.001,
+    rho: Hyper = 0.9,
+    momentum: Hyper = 0.0,
+    epsilon: Hyper = 1e-7,
+    centered: bool = False,
+) -> Transformation:
+    """RMSProp:  ``v <- rho*v + (1 - rho)*grad^2;  theta <- theta - eta*grad / sqrt(v + eps)``.
+
+    ``centered`` divides by ``sqrt(v - gbar^2 + eps)`` with ``gbar`` the running mean of the gradient;
+    ``momentum > 0`` accumulates the steps: ``m <- momentum*m + eta*grad/sqrt(...); theta <- theta - m``.
+    (Keras ``RMSprop``.)
+    """
+    parts = [
+        transforms.scale_by_rms(rho, epsilon, centered),
+        transforms.scale_by_learning_rate(learning_rate),
+    ]
+    if not _is_zero(momentum):
+        parts.append(transforms.momentum(momentum))
+    return chain(*parts)
+
+
+def adam(
+    learning_rate: Hyper = 0.001,
+    beta_1: Hyper = 0.9,
+    beta_2: Hyper = 0.999,
+    epsilon: Hyper = 1e-7,
+    amsgrad: bool = False,
+) -> Transformation:
+    """Adam:  ``m <- b1*m + (1 - b1)*grad;  v <- b2*v + (1 - b2)*grad^2;
+    theta <- theta - eta * sqrt(1 - b2^t)/(1 - b1^t) * m / (sqrt(v) + eps)``.  (Keras ``Adam``.)"""
+    return chain(
+        transforms.scale_by_adam(beta_1, beta_2, epsilon, amsgrad),
+        transforms.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamax(
+    learning_rate: Hyper = 0.001, beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper = 1e-7
+) -> Transformation:
+    """AdaMax:  ``m <- b1*m + (1 - b1)*grad;  n <- max(b2*n, |grad|);
+    theta <- theta - eta * m / ((1 - b1^t)(n + eps))``.  (Keras ``Adamax``.)"""
+    return chain(
+        transforms.scale_by_adamax(beta_1, beta_2, epsilon),
+        transforms.scale_by_learning_rate(learning_rate),
+    )
+
+
+def nadam(
+    learning_rate: Hyper = 0.001, beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper = 1e-7
+) -> Transformation:
+    """Nadam: Adam with Nesterov momentum and Keras's momentum schedule (see `scale_by_nadam`).
+    (Keras ``Nadam``.)"""
+    return chain(
+        transforms.scale_by_nadam(beta_1, beta_2, epsilon),
+        transforms.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: Hyper = 0.001,
+    weight_decay: Hyper = 0.004,
+    beta_1: Hyper = 0.9,
+    beta_2: Hyper = 0.999,
+    epsilon: Hyper = 1e-7,
+    amsgrad: bool = False,
+) -> Transformation:
+    """AdamW: Adam with decoupled weight decay,
+    ``theta <- theta - eta * (adam_direction + weight_decay * theta)``.
+
+    The decay is multiplied by the learning rate, as in Keras ``AdamW`` (and the paper's schedule
+    multiplier). To decay every leaf except some, route with the masking transformations.
+    """
+    return chain(
+        transforms.scale_by_adam(beta_1, beta_2, epsilon, amsgrad),
+        transforms.add_decayed_weights(weight_decay),
+        transforms.scale_by_learning_rate(learning_rate),
+    )
