@@ -16,6 +16,18 @@ from gradtx.base import (
 )
 from gradtx.hyperparams import Hyperparams, hyperparams, set_hyperparams
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
+from gradtx.plateau import PlateauState, current_learning_rate, plateau_scale, reduce_on_plateau
+from gradtx.schedules import (
+    constant_schedule,
+    cosine_decay_schedule,
+    exponential_schedule,
+    join_schedules,
+    linear_warmup,
+    one_cycle_momentum,
+    one_cycle_schedule,
+    piecewise_constant_schedule,
+    power_schedule,
+)
 from gradtx.transforms import (
     add_decayed_weights,
     momentum,
@@ -33,6 +45,7 @@ __all__ = [
     "ChainState",
     "EmptyState",
     "Hyperparams",
+    "PlateauState",
     "Schedule",
     "Transformation",
     "adagrad",
@@ -42,10 +55,22 @@ __all__ = [
     "add_decayed_weights",
     "apply_updates",
     "chain",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "current_learning_rate",
+    "exponential_schedule",
     "hyperparams",
     "identity",
+    "join_schedules",
+    "linear_warmup",
     "momentum",
     "nadam",
+    "one_cycle_momentum",
+    "one_cycle_schedule",
+    "piecewise_constant_schedule",
+    "plateau_scale",
+    "power_schedule",
+    "reduce_on_plateau",
     "rmsprop",
     "scale_by_adagrad",
     "scale_by_adam",

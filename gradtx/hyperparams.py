@@ -40,8 +40,14 @@ def _unit_interval(x: float) -> bool:
     return 0 <= x < 1
 
 
+def _count(x: float) -> bool:
+    return x >= 0 and x == int(x)
+
+
 # The valid range of each hyperparameter by name, so that construction and set_hyperparams check alike.
-_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+Rule = tuple[Callable[[float], bool], str]  # a predicate and how to say it: (_at_least_zero, ">= 0")
+
+_RULES: dict[str, Rule] = {
     "learning_rate": (_at_least_zero, ">= 0"),
     "epsilon": (_at_least_zero, ">= 0"),
     "weight_decay": (_at_least_zero, ">= 0"),
@@ -50,6 +56,12 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "beta_2": (_unit_interval, "in [0, 1)"),
     "rho": (_unit_interval, "in [0, 1)"),
     "momentum": (_unit_interval, "in [0, 1)"),
+    # reduce_on_plateau
+    "factor": (lambda x: 0 < x < 1, "in (0, 1)"),
+    "patience": (_count, "a whole number >= 0"),
+    "cooldown": (_count, "a whole number >= 0"),
+    "min_delta": (_at_least_zero, ">= 0"),
+    "min_scale": (lambda x: 0 <= x <= 1, "in [0, 1]"),
 }
 
 
@@ -58,10 +70,11 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_value(owner: str, name: str, value: Any, scalar: bool = True) -> None:
+def check_value(owner: str, name: str, value: Any, scalar: bool = True, rule: Rule | None = None) -> None:
     """Raises ``ValueError`` naming ``owner``, ``name`` and the value when a concrete value is invalid.
 
-    ``scalar=False`` admits an array of values (one per configuration of a vmapped state).
+    ``scalar=False`` admits an array of values (one per configuration of a vmapped state). ``rule``
+    defaults to the rule registered for ``name``.
     """
     if scalar and jnp.ndim(value) != 0:
         raise ValueError(
@@ -70,7 +83,7 @@ def check_value(owner: str, name: str, value: Any, scalar: bool = True) -> None:
         )
     if not is_concrete(value):
         return
-    rule = _RULES.get(name)
+    rule = rule or _RULES.get(name)
     for x in np.asarray(value, np.float64).ravel():
         if not math.isfinite(x):
             raise ValueError(f"{owner}: {name} must be finite, got {x}")
