@@ -28,6 +28,8 @@ from gradtx.schedules import (
     piecewise_constant_schedule,
     power_schedule,
 )
+from gradtx.sweeps import RangeTest, SweepResult, compare, grid, lr_range_sweep, lr_range_test, sweep
+from gradtx.training import EarlyStopping, History, ShuffledBatches, TrainResult, fit, shuffled_batches
 from gradtx.transforms import (
     add_decayed_weights,
     momentum,
@@ -43,10 +45,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChainState",
+    "EarlyStopping",
     "EmptyState",
+    "History",
     "Hyperparams",
     "PlateauState",
+    "RangeTest",
     "Schedule",
+    "ShuffledBatches",
+    "SweepResult",
+    "TrainResult",
     "Transformation",
     "adagrad",
     "adam",
@@ -55,14 +63,19 @@ __all__ = [
     "add_decayed_weights",
     "apply_updates",
     "chain",
+    "compare",
     "constant_schedule",
     "cosine_decay_schedule",
     "current_learning_rate",
     "exponential_schedule",
+    "fit",
+    "grid",
     "hyperparams",
     "identity",
     "join_schedules",
     "linear_warmup",
+    "lr_range_sweep",
+    "lr_range_test",
     "momentum",
     "nadam",
     "one_cycle_momentum",
@@ -80,5 +93,7 @@ __all__ = [
     "scale_by_rms",
     "set_hyperparams",
     "sgd",
+    "shuffled_batches",
     "step_count",
+    "sweep",
 ]

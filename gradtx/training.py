@@ -1,0 +1,388 @@
+"""Training on the device: many steps inside one compiled `lax.scan`, for one run or many side by side.
+
+`fit` trains one run. `gradtx.sweeps` builds on the same engine to train many configurations (vmapped)
+and several optimizer families (a tuple of states) in one compiled program.
+
+The scan has two levels: the outer one runs *periods* of ``eval_every`` steps, the inner one the steps.
+Evaluation (``eval_fn``), the value fed to `reduce_on_plateau` and early stopping happen between periods,
+so no step pays for them and nothing branches on array values. Long runs are cut into chunks of periods,
+one compiled call each, with the carried params and optimizer state donated; progress is reported
+between chunks, never with a host round-trip per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradtx.base import Params, State, Transformation, apply_updates
+
+LossFn = Callable[[Params, Any], jax.Array]  # (params, batch) -> scalar loss
+EvalFn = Callable[[Params], Any]  # params -> scalar or dict of scalars
+Data = Any  # a pytree of arrays indexed by step along axis 0, or a function (step, key) -> batch
+
+
+class EarlyStopping(NamedTuple):
+    """Stop a run (freeze its params and optimizer state) when ``metric`` has not improved by more
+    than ``min_delta`` for ``patience`` evaluations. Under a sweep each configuration stops on its own."""
+
+    metric: str
+    patience: int = 5
+    min_delta: float = 0.0
+    mode: str = "min"
+
+
+class History(NamedTuple):
+    loss: jax.Array  # (steps,): the training loss of each step's batch, before its update
+    metrics: dict[str, jax.Array]  # name -> (evaluations,): eval_fn after every eval_every steps
+    eval_step: jax.Array  # (evaluations,): steps done at each evaluation
+    steps_trained: jax.Array  # int32: updates applied (fewer than steps if stopped early)
+
+
+class TrainResult(NamedTuple):
+    params: Params
+    opt_state: State
+    history: History
+
+
+class _Stop(NamedTuple):  # early-stopping state of one run
+    best: jax.Array
+    wait: jax.Array
+    stopped: jax.Array
+    steps_trained: jax.Array
+
+
+@dataclass(frozen=True)
+class Member:
+    """One optimizer family in a program: ``make_tx(**config)`` per configuration (``configs`` is a dict
+    of arrays with a leading configuration axis), or one plain run when ``configs`` is None."""
+
+    make_tx: Callable[..., Transformation]
+    configs: Mapping[str, jax.Array] | None
+    params: Params  # stacked along axis 0 when configs is given
+
+
+def _as_metrics(value: Any) -> dict[str, jax.Array]:
+    return dict(value) if isinstance(value, Mapping) else {"eval": value}
+
+
+def _batch_source(data: Data) -> Callable[[jax.Array, int, jax.Array], Callable[[jax.Array], Any]]:
+    """``prepare(first_step, num_steps, key) -> batch_at(step)``: called once per compiled chunk, outside
+    the scan, so that per-epoch work (a shuffle) is not repeated at every step."""
+    if isinstance(data, ShuffledBatches):
+        return data.prepare
+    if callable(data):
+        return lambda first_step, num_steps, key: lambda step: data(step, jax.random.fold_in(key, step))
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("data: the batch tree is empty")
+    lengths = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(lengths) != 1 or None in lengths:
+        shapes = jax.tree.map(np.shape, data)
+        raise ValueError(
+            f"data: every array must have the same number of batches along axis 0, got shapes {shapes}"
+        )
+    (n,) = lengths
+    # Step i uses batch i % n, so pre-batched data of one epoch can be trained on for several epochs.
+    return lambda first_step, num_steps, key: lambda step: jax.tree.map(lambda x: x[step % n], data)
+
+
+class ShuffledBatches:
+    """Minibatches of ``data`` (a pytree of arrays with the examples along axis 0), reshuffled every
+    epoch from the run's key: step ``i`` is batch ``i % (n // batch_size)`` of epoch ``i // (n //
+    batch_size)``. The last ``n % batch_size`` examples of each shuffled epoch are left out.
+
+    Each compiled chunk draws the permutations of the epochs it spans once, before its steps, because
+    a permutation per step would cost more than the step itself on small models.
+    """
+
+    def __init__(self, data: Any, batch_size: int):
+        sizes = {np.shape(x)[0] if np.ndim(x) else 0 for x in jax.tree.leaves(data)}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"shuffled_batches: the arrays hold different numbers of examples: {sorted(sizes)}"
+            )
+        (self.n,) = sizes
+        if not 0 < batch_size <= self.n:
+            raise ValueError(f"shuffled_batches: batch_size must be in [1, {self.n}], got {batch_size}")
+        self.data, self.batch_size, self.per_epoch = data, batch_size, self.n // batch_size
+
+    def order(self, key: jax.Array, epoch: jax.Array) -> jax.Array:
+        return jax.random.permutation(jax.random.fold_in(key, epoch), self.n)
+
+    def prepare(self, first_step: jax.Array, num_steps: int, key: jax.Array) -> Callable[[jax.Array], Any]:
+        first_epoch = first_step // self.per_epoch
+        epochs = first_epoch + jnp.arange(num_steps // self.per_epoch + 2)  # covers the chunk's steps
+        orders = jax.vmap(lambda e: self.order(key, e))(epochs)
+
+        def batch_at(step):
+            order = orders[step // self.per_epoch - first_epoch]
+            index = jax.lax.dynamic_slice_in_dim(
+                order, (step % self.per_epoch) * self.batch_size, self.batch_size
+            )
+            return jax.tree.map(lambda x: x[index], self.data)
+
+        return batch_at
+
+
+def shuffled_batches(data: Any, batch_size: int) -> ShuffledBatches:
+    """A batch source for `fit` and the sweeps: see `ShuffledBatches`."""
+    return ShuffledBatches(data, batch_size)
+
+
+def _maybe_vmap(fn: Callable, batched: bool, in_axes: tuple) -> Callable:
+    return jax.vmap(fn, in_axes=in_axes) if batched else fn
+
+
+def _where(flag: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(flag, b, a) if a is not None else a, new, old)
+
+
+class _Program:
+    """The compiled training program for a list of members sharing data, steps and evaluation."""
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        members: Sequence[Member],
+        data: Data,
+        steps: int,
+        eval_fn: EvalFn | None,
+        eval_every: int | None,
+        plateau_metric: str | None,
+        early_stopping: EarlyStopping | None,
+    ):
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if eval_fn is None and (plateau_metric or early_stopping):
+            raise ValueError("plateau_metric and early_stopping need an eval_fn that computes the metric")
+        if eval_fn is not None:
+            eval_every = eval_every or steps
+            if eval_every < 1 or steps % eval_every:
+                raise ValueError(f"eval_every must divide steps={steps}, got eval_every={eval_every}")
+        if early_stopping is not None and early_stopping.mode not in ("min", "max"):
+            raise ValueError(f"early_stopping: mode must be 'min' or 'max', got {early_stopping.mode!r}")
+        self.loss_fn, self.members, self.steps = loss_fn, list(members), steps
+        self.prepare_batches = _batch_source(data)
+        self.eval_fn, self.plateau_metric, self.early_stopping = eval_fn, plateau_metric, early_stopping
+        self.period = eval_every if eval_fn is not None else None
+
+    # --- one run (vmapped over configurations where a member has them) ---------------------------------
+
+    def _metric_names(self, params: Params) -> list[str]:
+        shapes = jax.eval_shape(lambda p: _as_metrics(self.eval_fn(p)), params)
+        for name, s in shapes.items():
+            if s.shape != ():
+                raise ValueError(f"eval_fn: metric {name!r} must be a scalar, got shape {s.shape}")
+        for needed in filter(None, [self.plateau_metric, self.early_stopping and self.early_stopping.metric]):
+            if needed not in shapes:
+                raise ValueError(f"eval_fn returns {sorted(shapes)}, which has no metric {needed!r}")
+        return sorted(shapes)
+
+    def _step(self, member: Member, config, params, state, stop: _Stop, batch, extra):
+        tx = member.make_tx(**config) if member.configs is not None else member.make_tx()
+        loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
+        updates, new_state = tx.update(grads, state, params, **extra)
+        new_params = apply_updates(params, updates)
+        frozen = stop.stopped
+        stop = stop._replace(steps_trained=stop.steps_trained + jnp.where(frozen, 0, 1))
+        return _where(frozen, new_params, params), _where(frozen, new_state, state), stop, loss
+
+    def _observe(self, stop: _Stop, metrics: dict[str, jax.Array]) -> _Stop:
+        rule = self.early_stopping
+        if rule is None:
+            return stop
+        v = metrics[rule.metric] * (1.0 if rule.mode == "min" else -1.0)
+        improved = v < stop.best - rule.min_delta
+        wait = jnp.where(improved, 0, stop.wait + 1)
+        return _Stop(
+            best=jnp.where(improved, v, stop.best),
+            wait=wait,
+            stopped=stop.stopped | (wait >= rule.patience),
+            steps_trained=stop.steps_trained,
+        )
+
+    # --- the program ------------------------------------------------------------------------------------
+
+    def initial_carry(self) -> tuple:
+        carry = []
+        for m in self.members:
+            batched = m.configs is not None
+            init = _maybe_vmap(
+                lambda config, p, m=m: (m.make_tx(**config) if config is not None else m.make_tx()).init(p),
+                batched,
+                (0, 0),
+            )
+            state = jax.jit(init)(m.configs, m.params)
+            k = len(next(iter(m.configs.values()))) if batched else None
+            shape = (k,) if batched else ()
+            stop = _Stop(
+                jnp.full(shape, jnp.inf, jnp.float32),
+                jnp.zeros(shape, jnp.int32),
+                jnp.zeros(shape, bool),
+                jnp.zeros(shape, jnp.int32),
+            )
+            metrics = {}
+            if self.eval_fn is not None:
+                single = jax.tree.map(lambda x: x[0], m.params) if batched else m.params
+                metrics = {name: jnp.zeros(shape, jnp.float32) for name in self._metric_names(single)}
+            # A copy, because the carry is donated: the caller's params stay valid.
+            carry.append(jax.tree.map(jnp.copy, (m.params, state, stop, metrics)))
+        return tuple(carry)
+
+    def run_periods(self, carry: tuple, key: jax.Array, first_step: jax.Array, num_steps: int, period: int):
+        """Runs ``num_steps`` steps from ``first_step`` in periods of ``period`` steps (traced)."""
+
+        batch_at = self.prepare_batches(first_step, num_steps, key)
+
+        def one_step(carry, step):
+            batch = batch_at(step)
+            new, losses = [], []
+            for m, (params, state, stop, metrics) in zip(self.members, carry, strict=True):
+                extra = {}
+                if self.plateau_metric is not None:
+                    # The last evaluation is fed once, at the first step of the next period.
+                    value = metrics[self.plateau_metric]
+                    measured = (step % period == 0) & (step > 0)
+                    extra = {"value": value, "measured": jnp.broadcast_to(measured, value.shape)}
+                fn = _maybe_vmap(
+                    lambda c, p, s, st, b, e, m=m: self._step(m, c, p, s, st, b, e),
+                    m.configs is not None,
+                    (0, 0, 0, 0, None, 0),
+                )
+                params, state, stop, loss = fn(m.configs, params, state, stop, batch, extra)
+                new.append((params, state, stop, metrics))
+                losses.append(loss)
+            return tuple(new), tuple(losses)
+
+        def one_period(carry, start):
+            carry, losses = jax.lax.scan(one_step, carry, start + jnp.arange(period))
+            if self.eval_fn is None:
+                return carry, (losses, ())
+            new, evaluated = [], []
+            for m, (params, state, stop, _) in zip(self.members, carry, strict=True):
+                batched = m.configs is not None
+                metrics = _maybe_vmap(lambda p: _as_metrics(self.eval_fn(p)), batched, (0,))(params)
+                metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+                stop = _maybe_vmap(self._observe, batched, (0, 0))(stop, metrics)
+                new.append((params, state, stop, metrics))
+                evaluated.append(metrics)
+            return tuple(new), (losses, tuple(evaluated))
+
+        starts = first_step + period * jnp.arange(num_steps // period)
+        return jax.lax.scan(one_period, carry, starts)
+
+    def run(self, key: jax.Array, chunks: int, progress: bool) -> list[TrainResult]:
+        period = self.period or math.gcd(self.steps, max(1, -(-self.steps // chunks)))
+        periods = self.steps // period
+        per_chunk = -(-periods // max(1, min(chunks, periods)))
+        compiled = {}
+
+        def chunk_fn(n_periods):
+            if n_periods not in compiled:
+                compiled[n_periods] = jax.jit(
+                    lambda c, k, s: self.run_periods(c, k, s, n_periods * period, period),
+                    donate_argnums=0,
+                )
+            return compiled[n_periods]
+
+        carry = self.initial_carry()
+        outputs, done, started = [], 0, time.perf_counter()
+        bar = _progress_bar(self.steps) if progress else None
+        while done < periods:
+            n = min(per_chunk, periods - done)
+            carry, out = chunk_fn(n)(carry, key, jnp.asarray(done * period, jnp.int32))
+            outputs.append(out)
+            done += n
+            if bar is not None:
+                jax.block_until_ready(carry)
+                bar(done * period, time.perf_counter() - started, out)
+        return self._results(carry, outputs)
+
+    def _results(self, carry, outputs) -> list[TrainResult]:
+        results = []
+        for i, (m, (params, state, stop, _)) in enumerate(zip(self.members, carry, strict=True)):
+            batched = m.configs is not None
+            # The scans stack (periods, period, [configs]); a run's history has steps on its last axis.
+            loss = jnp.concatenate([out[0][i] for out in outputs])
+            loss = loss.reshape((-1, *loss.shape[2:]))
+            metrics = {}
+            if self.eval_fn is not None:
+                names = outputs[0][1][i].keys()
+                metrics = {k: jnp.concatenate([out[1][i][k] for out in outputs]) for k in names}
+            if batched:
+                loss = loss.T
+                metrics = {k: v.T for k, v in metrics.items()}
+            n_evals = self.steps // self.period if self.period else 0
+            eval_step = self.period * jnp.arange(1, n_evals + 1) if self.period else jnp.zeros([0], jnp.int32)
+            results.append(TrainResult(params, state, History(loss, metrics, eval_step, stop.steps_trained)))
+        return results
+
+
+def _progress_bar(total: int) -> Callable:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    bar = tqdm(total=total, unit="step") if tqdm is not None else None
+    shown = [0]
+
+    def report(done: int, seconds: float, out) -> None:
+        last_losses = [float(np.mean(np.asarray(loss)[-1])) for loss in out[0]]
+        if bar is not None:
+            bar.update(done - shown[0])
+            bar.set_postfix(loss=f"{np.mean(last_losses):.4g}")
+            if done >= total:
+                bar.close()
+        else:
+            print(f"step {done}/{total}  loss {np.mean(last_losses):.4g}  {seconds:.1f} s", flush=True)
+        shown[0] = done
+
+    return report
+
+
+def fit(
+    loss_fn: LossFn,
+    params: Params,
+    tx: Transformation,
+    data: Data,
+    steps: int,
+    *,
+    key: jax.Array | None = None,
+    eval_fn: EvalFn | None = None,
+    eval_every: int | None = None,
+    plateau_metric: str | None = None,
+    early_stopping: EarlyStopping | None = None,
+    chunks: int = 1,
+    progress: bool = False,
+) -> TrainResult:
+    """Trains ``params`` with ``tx`` for ``steps`` steps of ``loss_fn(params, batch)``, in one compiled scan.
+
+    ``data`` is a pytree of arrays indexed by step along axis 0 (step ``i`` uses entry ``i % n``) or a
+    function ``(step, key) -> batch`` (see `shuffled_batches`); ``key`` (default ``PRNGKey(0)``) is folded
+    with the step for it. ``eval_fn(params)`` (a scalar or a dict of scalars, e.g. the validation loss)
+    runs after every ``eval_every`` steps; ``plateau_metric`` names the metric passed as ``value=`` to a
+    `reduce_on_plateau` in ``tx``; ``early_stopping`` freezes the run when its metric stops improving.
+    ``chunks > 1`` (with ``progress=True``, a tqdm bar when tqdm is installed) reports between chunks.
+
+    Params can be any pytree, e.g. the ``nnx.State`` of ``nnx.split(model)``. The caller's arrays are not
+    donated; the program's own carry is. Returns the final params, optimizer state and the `History`.
+    """
+    program = _Program(
+        loss_fn,
+        [Member(lambda: tx, None, params)],
+        data,
+        steps,
+        eval_fn,
+        eval_every,
+        plateau_metric,
+        early_stopping,
+    )
+    return program.run(jax.random.PRNGKey(0) if key is None else key, chunks, progress)[0]

@@ -1,0 +1,242 @@
+"""Sweeps and optimizer families in one program: every run equals its own separate `fit`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_training import PARAMS, STEPS, X, Y, loss_fn, valid
+
+import gradtx
+
+# vmapped matmuls may be computed in another order than single ones: float32 rounding over 60 steps.
+RTOL, ATOL = 2e-5, 1e-6
+
+
+def init(key):
+    return {"w": 0.1 * jax.random.normal(key, (5, 3)), "b": jnp.zeros(3)}
+
+
+def assert_same_run(batched, i, single):
+    """Configuration ``i`` of a sweep result against a separate `fit` result."""
+    np.testing.assert_allclose(batched.history.loss[i], single.history.loss, rtol=RTOL, atol=ATOL)
+    for a, b in zip(jax.tree.leaves(batched.params), jax.tree.leaves(single.params), strict=True):
+        np.testing.assert_allclose(a[i], b, rtol=RTOL, atol=ATOL)
+
+
+def test_grid_is_every_combination():
+    g = gradtx.grid(learning_rate=[0.1, 0.01], momentum=[0.0, 0.5, 0.9])
+    assert list(zip(g["learning_rate"], g["momentum"], strict=True)) == [
+        (lr, m) for lr in [0.1, 0.01] for m in [0.0, 0.5, 0.9]
+    ]
+
+
+def test_each_configuration_equals_its_own_run():
+    configs = gradtx.grid(learning_rate=[0.01, 0.05, 0.1], momentum=[0.0, 0.9])
+    make = lambda learning_rate, momentum: gradtx.sgd(learning_rate, momentum=momentum)  # noqa: E731
+    result = gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS)
+    assert len(result) == 6 and result.history.loss.shape == (6, STEPS)
+    for i in range(6):
+        single = gradtx.fit(
+            loss_fn,
+            PARAMS,
+            make(configs["learning_rate"][i].item(), configs["momentum"][i].item()),
+            (X, Y),
+            STEPS,
+        )
+        assert_same_run(result, i, single)
+
+
+def test_seeds_initialize_each_run():
+    configs = gradtx.grid(learning_rate=[0.01, 0.05], seed=[0, 1, 2])
+    result = gradtx.sweep(
+        lambda learning_rate: gradtx.adam(learning_rate), configs, loss_fn, init, (X, Y), STEPS
+    )
+    for i in range(6):
+        lr, seed = configs["learning_rate"][i].item(), int(configs["seed"][i])
+        single = gradtx.fit(loss_fn, init(jax.random.PRNGKey(seed)), gradtx.adam(lr), (X, Y), STEPS)
+        assert_same_run(result, i, single)
+
+
+def test_a_list_of_configurations_is_accepted():
+    configs = [{"learning_rate": 0.01, "beta_1": 0.8}, {"learning_rate": 0.02, "beta_1": 0.9}]
+    result = gradtx.sweep(gradtx.adam, configs, loss_fn, PARAMS, (X, Y), 20)
+    np.testing.assert_allclose(result.configs["beta_1"], [0.8, 0.9])
+    single = gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.02, beta_1=0.9), (X, Y), 20)
+    assert_same_run(result, 1, single)
+
+
+NINE = {
+    "sgd": gradtx.sgd(0.05),
+    "momentum": gradtx.sgd(0.05, momentum=0.9),
+    "nag": gradtx.sgd(0.05, momentum=0.9, nesterov=True),
+    "adagrad": gradtx.adagrad(0.1),
+    "rmsprop": gradtx.rmsprop(0.01),
+    "adam": gradtx.adam(0.01),
+    "adamax": gradtx.adamax(0.01),
+    "nadam": gradtx.nadam(0.01),
+    "adamw": gradtx.adamw(0.01),
+}
+
+
+def test_the_nine_optimizers_in_one_program_equal_their_separate_runs():
+    results = gradtx.compare(NINE, loss_fn, PARAMS, (X, Y), STEPS, eval_fn=valid, eval_every=20)
+    for name, tx in NINE.items():
+        single = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), STEPS, eval_fn=valid, eval_every=20)
+        np.testing.assert_allclose(results[name].history.loss, single.history.loss, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(
+            results[name].history.metrics["valid_loss"], single.history.metrics["valid_loss"], rtol=RTOL
+        )
+
+
+def test_compare_mixes_single_runs_and_sweeps():
+    results = gradtx.compare(
+        {
+            "sgd": gradtx.sgd(0.05),
+            "adam": (gradtx.adam, gradtx.grid(learning_rate=[0.01, 0.03], seed=[0, 1])),
+        },
+        loss_fn,
+        init,
+        (X, Y),
+        STEPS,
+    )
+    assert isinstance(results["sgd"], gradtx.TrainResult) and isinstance(results["adam"], gradtx.SweepResult)
+    single = gradtx.fit(loss_fn, init(jax.random.PRNGKey(1)), gradtx.adam(0.03), (X, Y), STEPS)
+    assert_same_run(results["adam"], 3, single)
+
+
+def test_each_configuration_stops_early_on_its_own():
+    rule = gradtx.EarlyStopping("valid_loss", patience=1, min_delta=0.05)
+    configs = {"learning_rate": [0.0005, 0.05]}  # the slow run stops improving by 0.05 first
+    result = gradtx.sweep(
+        lambda learning_rate: gradtx.sgd(learning_rate),
+        configs,
+        loss_fn,
+        PARAMS,
+        (X, Y),
+        STEPS,
+        eval_fn=valid,
+        eval_every=10,
+        early_stopping=rule,
+    )
+    trained = np.asarray(result.history.steps_trained)
+    assert trained[0] < trained[1]
+    single = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.0005), (X, Y), int(trained[0]))
+    np.testing.assert_allclose(
+        result.history.loss[0, : trained[0]], single.history.loss, rtol=RTOL, atol=ATOL
+    )
+    for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(single.params), strict=True):
+        np.testing.assert_allclose(a[0], b, rtol=RTOL, atol=ATOL)  # frozen where it stopped
+
+
+def test_each_configuration_reduces_its_own_learning_rate():
+    make = lambda patience: gradtx.chain(  # noqa: E731
+        gradtx.sgd(0.05), gradtx.reduce_on_plateau(factor=0.5, patience=patience, min_delta=0.5)
+    )
+    result = gradtx.sweep(
+        make,
+        {"patience": [0, 2, 100]},
+        loss_fn,
+        PARAMS,
+        (X, Y),
+        STEPS,
+        eval_fn=valid,
+        eval_every=10,
+        plateau_metric="valid_loss",
+    )
+    scales = np.asarray(gradtx.plateau_scale(result.opt_state))  # one scale per configuration
+    assert scales[0] < scales[1] < scales[2] == 1.0
+    for i, patience in enumerate([0, 2, 100]):
+        single = gradtx.fit(
+            loss_fn,
+            PARAMS,
+            make(patience),
+            (X, Y),
+            STEPS,
+            eval_fn=valid,
+            eval_every=10,
+            plateau_metric="valid_loss",
+        )
+        assert_same_run(result, i, single)
+
+
+def test_rows_report_each_configuration():
+    result = gradtx.sweep(
+        lambda learning_rate: gradtx.sgd(learning_rate),
+        {"learning_rate": [0.01, 0.1]},
+        loss_fn,
+        PARAMS,
+        (X, Y),
+        STEPS,
+        eval_fn=valid,
+        eval_every=20,
+    )
+    rows = result.rows()
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.01, 0.1])
+    assert rows[1]["final_valid_loss"] == pytest.approx(float(result.history.metrics["valid_loss"][1, -1]))
+    assert result.best("final_valid_loss")["learning_rate"] == pytest.approx(0.1)
+    assert result.to_markdown().count("\n") == 3
+
+
+# --- learning-rate range tests on a quadratic whose answers are known ----------------------------------
+# f(x) = a/2 |x|^2 + 1 with plain gradient descent: x <- (1 - lr a) x, so the loss diverges for lr > 2/a
+# and falls fastest at lr = 1/a; the constant 1 is a loss floor, as real losses have.
+A = 4.0
+
+
+def quadratic(p, batch):
+    return 0.5 * A * jnp.sum(p["x"] ** 2) + 1.0 + 0.0 * batch.sum()
+
+
+QUAD_PARAMS = {"x": jnp.ones(3)}
+NO_DATA = jnp.zeros((1, 1))
+
+
+def test_range_test_rates_grow_exponentially_and_the_suggestion_is_below_divergence():
+    result = gradtx.lr_range_test(
+        gradtx.sgd, quadratic, QUAD_PARAMS, NO_DATA, steps=200, min_lr=1e-4, max_lr=10.0
+    )
+    np.testing.assert_allclose(result.rates[[0, -1]], [1e-4, 10.0], rtol=1e-5)
+    np.testing.assert_allclose(np.diff(np.log(result.rates)), np.log(1e5) / 199, rtol=1e-3)
+    cut = np.flatnonzero(np.isnan(result.losses))
+    # Cut off once the loss shoots up, which can only happen after the rate passed 2/a (the lag is the
+    # time the diverging iterates take to grow back from ~0).
+    assert cut.size and np.isnan(result.losses[cut[0] :]).all() and result.rates[cut[0]] > 2 / A
+    assert result.suggestion == pytest.approx(result.rates[np.nanargmin(result.smoothed)] / 10)
+    assert 1e-3 < result.suggestion < 2 / A
+
+
+def test_parallel_range_test_finds_the_fastest_constant_rate():
+    rates = np.array([0.01, 0.05, 0.1, 0.15, 0.24, 0.3, 0.45, 0.6])  # 1/a = 0.25: 0.24 contracts most
+    result = gradtx.lr_range_sweep(gradtx.sgd, quadratic, QUAD_PARAMS, NO_DATA, steps=10, rates=rates)
+    assert result.suggestion == pytest.approx(0.24)
+    assert result.losses[-1] > 7.0  # 0.6 > 2/a: worse than the initial loss of 7
+    # The final loss is the loss of the last step (10% of 10 steps), after 9 updates.
+    np.testing.assert_allclose(result.losses[0], 0.5 * A * 3 * (1 - 0.01 * A) ** 18 + 1.0, rtol=1e-5)
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "configs, message",
+    [
+        (
+            {"learning_rate": [0.1], "beta": [0.9]},
+            "does not accept the configuration field\\(s\\) \\['beta'\\]",
+        ),
+        ({"learning_rate": []}, "the sweep is empty"),
+        ([], "the sweep is empty"),
+        ({"learning_rate": [0.1, 0.2], "momentum": [0.9]}, "one value per configuration"),
+        ([{"learning_rate": 0.1}, {"momentum": 0.5}], "the same fields"),
+        ({"learning_rate": [0.1, -0.2]}, "learning_rate must be >= 0, got -0.2"),
+    ],
+)
+def test_bad_sweeps_fail_before_compiling(configs, message):
+    make = lambda learning_rate, momentum=0.0: gradtx.sgd(learning_rate, momentum=momentum)  # noqa: E731
+    with pytest.raises(ValueError, match=message):
+        gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS)
+
+
+def test_compare_needs_a_family():
+    with pytest.raises(ValueError, match="at least one optimizer family"):
+        gradtx.compare({}, loss_fn, PARAMS, (X, Y), STEPS)

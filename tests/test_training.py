@@ -1,0 +1,192 @@
+"""fit: the on-device training loop equals the Python loop it replaces, with evaluation, performance
+scheduling, early stopping and chunked progress."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import gradtx
+
+STEPS = 60
+RNG = np.random.default_rng(0)
+X = jnp.asarray(RNG.normal(size=(STEPS, 16, 5)), jnp.float32)  # pre-batched: (steps, batch, features)
+W_TRUE = jnp.asarray(RNG.normal(size=(5, 3)), jnp.float32)
+Y = X @ W_TRUE + 0.1 * jnp.asarray(RNG.normal(size=(STEPS, 16, 3)), jnp.float32)
+X_VALID = jnp.asarray(RNG.normal(size=(64, 5)), jnp.float32)
+Y_VALID = X_VALID @ W_TRUE
+PARAMS = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+
+
+def loss_fn(p, batch):
+    x, y = batch
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+
+def valid(p):
+    return {"valid_loss": loss_fn(p, (X_VALID, Y_VALID))}
+
+
+def python_loop(tx, steps=STEPS, values=None):
+    """The reference: the loop users write by hand, one jitted step per Python iteration."""
+    params, state = PARAMS, tx.init(PARAMS)
+    losses = []
+    for i in range(steps):
+        loss, grads = jax.value_and_grad(loss_fn)(params, (X[i % STEPS], Y[i % STEPS]))
+        extra = {} if values is None or i not in values else {"value": values[i]}
+        updates, state = tx.update(grads, state, params, **extra)
+        params = gradtx.apply_updates(params, updates)
+        losses.append(float(loss))
+    return params, state, np.array(losses)
+
+
+@pytest.mark.parametrize("tx", [gradtx.sgd(0.05, momentum=0.9), gradtx.adam(0.01), gradtx.adamw(0.01)])
+def test_fit_equals_the_python_loop(tx):
+    result = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), STEPS)
+    params, _, losses = python_loop(tx)
+    np.testing.assert_allclose(result.history.loss, losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), result.params, params)
+    assert int(gradtx.step_count(result.opt_state)) == STEPS == int(result.history.steps_trained)
+
+
+def test_fit_cycles_over_pre_batched_data():
+    result = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.05), (X, Y), 2 * STEPS)
+    _, _, losses = python_loop(gradtx.sgd(0.05), steps=2 * STEPS)
+    np.testing.assert_allclose(result.history.loss, losses, rtol=1e-5)
+
+
+def test_chunks_give_the_same_result_and_report_progress(capsys):
+    tx = gradtx.adam(0.01)
+    one = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), STEPS, eval_fn=valid, eval_every=10)
+    chunked = gradtx.fit(
+        loss_fn, PARAMS, tx, (X, Y), STEPS, eval_fn=valid, eval_every=10, chunks=3, progress=True
+    )
+    jax.tree.map(np.testing.assert_array_equal, one, chunked)
+    captured = capsys.readouterr()
+    assert "60/60" in captured.err + captured.out  # a tqdm bar, or printed lines without tqdm
+    chunked = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), STEPS, chunks=4)  # without evaluation
+    np.testing.assert_array_equal(chunked.history.loss, one.history.loss)
+
+
+def test_the_callers_params_stay_valid():
+    params = {"w": jnp.ones((5, 3)), "b": jnp.ones(3)}
+    gradtx.fit(loss_fn, params, gradtx.sgd(0.01), (X, Y), 5)
+    assert float(params["w"].sum()) == 15.0  # not donated away
+
+
+def test_eval_fn_runs_every_eval_every_steps():
+    tx = gradtx.sgd(0.05)
+    result = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), STEPS, eval_fn=valid, eval_every=20)
+    np.testing.assert_array_equal(result.history.eval_step, [20, 40, 60])
+    for k, steps in enumerate([20, 40, 60]):
+        params, _, _ = python_loop(tx, steps=steps)
+        np.testing.assert_allclose(
+            result.history.metrics["valid_loss"][k], valid(params)["valid_loss"], rtol=1e-5
+        )
+
+
+def test_a_scalar_eval_fn_is_named_eval():
+    result = gradtx.fit(
+        loss_fn, PARAMS, gradtx.sgd(0.05), (X, Y), 20, eval_fn=lambda p: p["b"].sum(), eval_every=10
+    )
+    assert set(result.history.metrics) == {"eval"}
+
+
+def test_plateau_metric_feeds_reduce_on_plateau_after_each_evaluation():
+    tx = gradtx.chain(gradtx.sgd(0.3), gradtx.reduce_on_plateau(factor=0.5, patience=1, min_delta=1.0))
+    result = gradtx.fit(
+        loss_fn, PARAMS, tx, (X, Y), STEPS, eval_fn=valid, eval_every=10, plateau_metric="valid_loss"
+    )
+    # Reference: the loop passes the validation loss after steps 10, 20, ... at the next step's update.
+    values = {}
+    params, state = PARAMS, tx.init(PARAMS)
+    for i in range(STEPS):
+        grads = jax.grad(loss_fn)(params, (X[i], Y[i]))
+        extra = {"value": values[i]} if i in values else {}
+        updates, state = tx.update(grads, state, params, **extra)
+        params = gradtx.apply_updates(params, updates)
+        if (i + 1) % 10 == 0:
+            values[i + 1] = valid(params)["valid_loss"]
+    assert float(gradtx.plateau_scale(state)) < 1  # min_delta=1 makes it reduce: the test has teeth
+    np.testing.assert_allclose(gradtx.plateau_scale(result.opt_state), gradtx.plateau_scale(state))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), result.params, params)
+
+
+def test_early_stopping_freezes_the_run():
+    rule = gradtx.EarlyStopping("valid_loss", patience=2, min_delta=10.0)  # nothing improves by 10
+    tx = gradtx.sgd(0.05)
+    result = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), STEPS, eval_fn=valid, eval_every=10, early_stopping=rule)
+    # The first evaluation sets the best value, the next two do not improve: stopped after 30 steps.
+    assert int(result.history.steps_trained) == 30
+    params, _, _ = python_loop(tx, steps=30)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), result.params, params)
+    assert int(gradtx.step_count(result.opt_state)) == 30
+    np.testing.assert_allclose(
+        result.history.metrics["valid_loss"][2:], valid(params)["valid_loss"], rtol=1e-6
+    )
+
+
+def test_shuffled_batches_visit_every_example_once_per_epoch():
+    data = (jnp.arange(10.0), jnp.arange(10))
+    source = gradtx.shuffled_batches(data, 3)  # 3 batches per epoch, one example left out
+    batch_at = jax.jit(lambda s: source.prepare(jnp.int32(0), 12, jax.random.PRNGKey(1))(s))
+    epochs = [np.concatenate([np.asarray(batch_at(3 * e + i)[1]) for i in range(3)]) for e in range(4)]
+    for e in epochs:
+        assert len(set(e)) == 9 and set(e) <= set(range(10))
+    assert len({tuple(e) for e in epochs}) == 4  # reshuffled every epoch
+
+
+def test_fit_trains_a_flax_nnx_model_state():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(5, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear(x)
+
+    graphdef, state = nnx.split(Model(nnx.Rngs(0)))
+
+    def nnx_loss(state, batch):
+        x, y = batch
+        return jnp.mean((nnx.merge(graphdef, state)(x) - y) ** 2)
+
+    tx = gradtx.adam(0.05)
+    result = gradtx.fit(nnx_loss, state, tx, (X, Y), STEPS)
+    optimizer = nnx.Optimizer(model := nnx.merge(graphdef, state), tx, wrt=nnx.Param)
+    for i in range(STEPS):
+        grads = nnx.grad(lambda m, x, y: jnp.mean((m(x) - y) ** 2))(model, X[i], Y[i])
+        optimizer.update(model, grads)
+    np.testing.assert_allclose(
+        result.params["linear"]["kernel"][...], model.linear.kernel[...], rtol=1e-5, atol=1e-6
+    )
+    assert result.history.loss[-1] < 0.1 * result.history.loss[0]
+
+
+def test_optax_transformations_run_in_fit():
+    result = gradtx.fit(
+        loss_fn, PARAMS, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.01)), (X, Y), 20
+    )
+    assert result.history.loss[-1] < result.history.loss[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(data=(X, Y[:10])), "same number of batches along axis 0"),
+        (dict(steps=0), "steps must be >= 1, got 0"),
+        (dict(eval_fn=valid, eval_every=7), "eval_every must divide steps=60, got eval_every=7"),
+        (dict(plateau_metric="valid_loss"), "need an eval_fn"),
+        (dict(eval_fn=valid, eval_every=10, plateau_metric="loss"), "has no metric 'loss'"),
+        (dict(eval_fn=lambda p: p["w"], eval_every=10), "metric 'eval' must be a scalar"),
+        (
+            dict(eval_fn=valid, eval_every=10, early_stopping=gradtx.EarlyStopping("valid_loss", mode="up")),
+            "mode must be 'min' or 'max'",
+        ),
+    ],
+)
+def test_bad_input_fails_before_compiling(kwargs, message):
+    args = dict(loss_fn=loss_fn, params=PARAMS, tx=gradtx.sgd(0.1), data=(X, Y), steps=STEPS) | kwargs
+    with pytest.raises(ValueError, match=message):
+        gradtx.fit(**args)
