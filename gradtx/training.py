@@ -191,6 +191,8 @@ class _Program:
         loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
         updates, new_state = tx.update(grads, state, params, **extra)
         new_params = apply_updates(params, updates)
+        if self.early_stopping is None:  # nothing can stop: spare the selects
+            return new_params, new_state, stop._replace(steps_trained=stop.steps_trained + 1), loss
         frozen = stop.stopped
         stop = stop._replace(steps_trained=stop.steps_trained + jnp.where(frozen, 0, 1))
         return _where(frozen, new_params, params), _where(frozen, new_state, state), stop, loss
