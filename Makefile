@@ -21,7 +21,7 @@ test: lint
 	$(PY) -m pytest -q -p no:randomly --nbmake notebooks
 
 demo: $(VENV)/.installed
-	$(PY) experiments/elongated_bowl/run.py
+	$(PY) experiments/optimizer_comparison/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
