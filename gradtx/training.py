@@ -188,7 +188,9 @@ class _Program:
 
     def _step(self, member: Member, config, params, state, stop: _Stop, batch, extra):
         tx = member.make_tx(**config) if member.configs is not None else member.make_tx()
-        loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
+        # allow_int: integer leaves (step counters, RNG keys in a model's state) get float0 gradients,
+        # which every gradtx transformation passes through untouched.
+        loss, grads = jax.value_and_grad(self.loss_fn, allow_int=True)(params, batch)
         updates, new_state = tx.update(grads, state, params, **extra)
         new_params = apply_updates(params, updates)
         if self.early_stopping is None:  # nothing can stop: spare the selects
