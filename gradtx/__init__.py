@@ -16,6 +16,7 @@ from gradtx.base import (
 )
 from gradtx.hyperparams import Hyperparams, hyperparams, set_hyperparams
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
+from gradtx.routing import MaskedState, PartitionState, label_by_path, masked, partition, weights_only
 from gradtx.transforms import (
     add_decayed_weights,
     momentum,
@@ -33,6 +34,8 @@ __all__ = [
     "ChainState",
     "EmptyState",
     "Hyperparams",
+    "MaskedState",
+    "PartitionState",
     "Schedule",
     "Transformation",
     "adagrad",
@@ -44,8 +47,11 @@ __all__ = [
     "chain",
     "hyperparams",
     "identity",
+    "label_by_path",
+    "masked",
     "momentum",
     "nadam",
+    "partition",
     "rmsprop",
     "scale_by_adagrad",
     "scale_by_adam",
@@ -56,4 +62,5 @@ __all__ = [
     "set_hyperparams",
     "sgd",
     "step_count",
+    "weights_only",
 ]
