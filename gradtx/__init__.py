@@ -16,6 +16,16 @@ from gradtx.base import (
 )
 from gradtx.hyperparams import Hyperparams, hyperparams, set_hyperparams
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
+from gradtx.regularizers import (
+    decoupled_weight_decay,
+    dropout,
+    l1,
+    l1_l2,
+    l1_l2_penalty,
+    l1_penalty,
+    l2,
+    l2_penalty,
+)
 from gradtx.routing import MaskedState, PartitionState, label_by_path, masked, partition, weights_only
 from gradtx.transforms import (
     add_decayed_weights,
@@ -45,8 +55,16 @@ __all__ = [
     "add_decayed_weights",
     "apply_updates",
     "chain",
+    "decoupled_weight_decay",
+    "dropout",
     "hyperparams",
     "identity",
+    "l1",
+    "l1_l2",
+    "l1_l2_penalty",
+    "l1_penalty",
+    "l2",
+    "l2_penalty",
     "label_by_path",
     "masked",
     "momentum",

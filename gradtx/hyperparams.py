@@ -40,6 +40,10 @@ def _unit_interval(x: float) -> bool:
     return 0 <= x < 1
 
 
+def _closed_unit_interval(x: float) -> bool:
+    return 0 <= x <= 1
+
+
 # The valid range of each hyperparameter by name, so that construction and set_hyperparams check alike.
 _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "learning_rate": (_at_least_zero, ">= 0"),
@@ -50,6 +54,16 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "beta_2": (_unit_interval, "in [0, 1)"),
     "rho": (_unit_interval, "in [0, 1)"),
     "momentum": (_unit_interval, "in [0, 1)"),
+    # regularization, constraints, dropout and pruning
+    "l1": (_at_least_zero, ">= 0"),
+    "l2": (_at_least_zero, ">= 0"),
+    "max_value": (_at_least_zero, ">= 0"),
+    "min_value": (_at_least_zero, ">= 0"),
+    "rate": (_closed_unit_interval, "in [0, 1]"),
+    "sparsity": (_unit_interval, "in [0, 1)"),
+    "target_sparsity": (_unit_interval, "in [0, 1)"),
+    "initial_sparsity": (_unit_interval, "in [0, 1)"),
+    "final_sparsity": (_unit_interval, "in [0, 1)"),
 }
 
 
