@@ -14,6 +14,7 @@ from gradtx.base import (
     identity,
     step_count,
 )
+from gradtx.constraints import max_norm, min_max_norm, non_neg, unit_norm
 from gradtx.hyperparams import Hyperparams, hyperparams, set_hyperparams
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
 from gradtx.regularizers import (
@@ -67,8 +68,11 @@ __all__ = [
     "l2_penalty",
     "label_by_path",
     "masked",
+    "max_norm",
+    "min_max_norm",
     "momentum",
     "nadam",
+    "non_neg",
     "partition",
     "rmsprop",
     "scale_by_adagrad",
@@ -80,5 +84,6 @@ __all__ = [
     "set_hyperparams",
     "sgd",
     "step_count",
+    "unit_norm",
     "weights_only",
 ]
