@@ -17,6 +17,16 @@ from gradtx.base import (
 from gradtx.constraints import max_norm, min_max_norm, non_neg, unit_norm
 from gradtx.hyperparams import Hyperparams, hyperparams, set_hyperparams
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
+from gradtx.pruning import (
+    PruningState,
+    SparsityReport,
+    SparsitySchedule,
+    constant_sparsity,
+    magnitude_pruning,
+    polynomial_decay_sparsity,
+    prune_by_magnitude,
+    sparsity,
+)
 from gradtx.regularizers import (
     decoupled_weight_decay,
     dropout,
@@ -47,7 +57,10 @@ __all__ = [
     "Hyperparams",
     "MaskedState",
     "PartitionState",
+    "PruningState",
     "Schedule",
+    "SparsityReport",
+    "SparsitySchedule",
     "Transformation",
     "adagrad",
     "adam",
@@ -56,6 +69,7 @@ __all__ = [
     "add_decayed_weights",
     "apply_updates",
     "chain",
+    "constant_sparsity",
     "decoupled_weight_decay",
     "dropout",
     "hyperparams",
@@ -67,6 +81,7 @@ __all__ = [
     "l2",
     "l2_penalty",
     "label_by_path",
+    "magnitude_pruning",
     "masked",
     "max_norm",
     "min_max_norm",
@@ -74,6 +89,8 @@ __all__ = [
     "nadam",
     "non_neg",
     "partition",
+    "polynomial_decay_sparsity",
+    "prune_by_magnitude",
     "rmsprop",
     "scale_by_adagrad",
     "scale_by_adam",
@@ -83,6 +100,7 @@ __all__ = [
     "scale_by_rms",
     "set_hyperparams",
     "sgd",
+    "sparsity",
     "step_count",
     "unit_norm",
     "weights_only",
