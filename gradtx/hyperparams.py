@@ -44,6 +44,10 @@ def _count(x: float) -> bool:
     return x >= 0 and x == int(x)
 
 
+def _closed_unit_interval(x: float) -> bool:
+    return 0 <= x <= 1
+
+
 # The valid range of each hyperparameter by name, so that construction and set_hyperparams check alike.
 Rule = tuple[Callable[[float], bool], str]  # a predicate and how to say it: (_at_least_zero, ">= 0")
 
@@ -61,7 +65,17 @@ _RULES: dict[str, Rule] = {
     "patience": (_count, "a whole number >= 0"),
     "cooldown": (_count, "a whole number >= 0"),
     "min_delta": (_at_least_zero, ">= 0"),
-    "min_scale": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+    "min_scale": (_closed_unit_interval, "in [0, 1]"),
+    # regularization, constraints, dropout and pruning
+    "l1": (_at_least_zero, ">= 0"),
+    "l2": (_at_least_zero, ">= 0"),
+    "max_value": (_at_least_zero, ">= 0"),
+    "min_value": (_at_least_zero, ">= 0"),
+    "rate": (_closed_unit_interval, "in [0, 1]"),
+    "sparsity": (_unit_interval, "in [0, 1)"),
+    "target_sparsity": (_unit_interval, "in [0, 1)"),
+    "initial_sparsity": (_unit_interval, "in [0, 1)"),
+    "final_sparsity": (_unit_interval, "in [0, 1)"),
 }
 
 

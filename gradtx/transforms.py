@@ -287,7 +287,8 @@ def add_decayed_weights(weight_decay: Hyper) -> Transformation:
     """Decoupled weight decay:  ``u <- g + lambda * theta``  (Loshchilov & Hutter, 2019).
 
     Before `scale_by_learning_rate` (as in `adamw`) the decay is scaled by the learning rate, which is
-    Keras's ``theta <- theta - eta*lambda*theta``; placed after it, ``lambda`` is an absolute rate per step.
+    Keras's ``theta <- theta - eta*lambda*theta``. Not after it: the sign would then grow the weights;
+    after a complete optimizer use `gradtx.decoupled_weight_decay`, which subtracts.
     """
     spec = HyperSpec("add_decayed_weights", weight_decay=weight_decay)
 
