@@ -102,10 +102,15 @@ def is_float(x: Any) -> bool:
 
 
 def zeros_like_state(p: Any) -> jax.Array:
-    """An accumulator for leaf ``p``: at least float32, so bf16 params do not get bf16 moments."""
+    """An accumulator for leaf ``p``: at least float32, so bf16 params do not get bf16 moments.
+
+    Outside ``jit`` it is placed with ``p``'s sharding, so the state of sharded params is sharded the
+    same way (no replicated copies); inside ``jit``, pass ``out_shardings`` or let XLA propagate.
+    """
     if not is_float(p):
         return jnp.zeros([], jnp.float32)  # a placeholder: non-float leaves are never updated
-    return jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32))
+    sharding = p.sharding if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) else None
+    return jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32), device=sharding)
 
 
 def _mismatch(owner: str, updates: Any, reference: Any) -> ValueError:

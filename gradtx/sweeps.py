@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradtx.base import Params, State, Transformation
 from gradtx.schedules import exponential_schedule
@@ -101,14 +102,54 @@ def _stacked_params(params: ParamsOrInit, configs: dict[str, np.ndarray]) -> Par
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *jnp.shape(x))), params)
 
 
-def _member(owner: str, make_tx: Callable[..., Transformation], configs: Configs, params) -> Member:
+def _config_sharding(mesh: Mesh | Sequence[jax.Device] | None) -> NamedSharding | None:
+    """Where the configuration axis goes: split over every device of ``mesh`` (a `Mesh`, or a list of
+    devices for a 1-D one)."""
+    if mesh is None:
+        return None
+    devices = np.asarray(mesh.devices if isinstance(mesh, Mesh) else list(mesh)).reshape(-1)
+    if devices.size == 0:
+        raise ValueError("mesh: give a jax.sharding.Mesh or a non-empty list of devices")
+    # One flat axis over all the devices, with automatic (propagated) sharding whatever the axis types
+    # of the given mesh: the configuration axis is the only one split.
+    return NamedSharding(Mesh(devices, ("configs",)), PartitionSpec("configs"))
+
+
+def _member(
+    owner: str,
+    make_tx: Callable[..., Transformation],
+    configs: Configs,
+    params,
+    sharding: NamedSharding | None = None,
+) -> tuple[Member, dict[str, np.ndarray]]:
+    """The member and its configurations. With a ``sharding``, the configurations are padded (the last
+    one repeated) to a multiple of the number of devices and placed along the configuration axis."""
     table = _as_configs(owner, configs)
     _check_factory(owner, make_tx, table)
 
     def build(**config):
         return make_tx(**{k: v for k, v in config.items() if k != "seed"})
 
-    return Member(build, {k: jnp.asarray(v) for k, v in table.items()}, _stacked_params(params, table))
+    padded = table
+    if sharding is not None:
+        k, n = len(next(iter(table.values()))), sharding.mesh.size
+        extra = -k % n
+        padded = {name: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for name, v in table.items()}
+    arrays, params = {k: jnp.asarray(v) for k, v in padded.items()}, _stacked_params(params, padded)
+    if sharding is not None:
+        arrays, params = jax.device_put((arrays, params), sharding)
+    return Member(build, arrays, params), table
+
+
+def _sweep_result(configs: dict[str, np.ndarray], result: TrainResult) -> SweepResult:
+    """Drops the padding configurations (if any) from a vmapped result."""
+    k = len(next(iter(configs.values())))
+    params, state = jax.tree.map(lambda x: x[:k], (result.params, result.opt_state))
+    h = result.history
+    history = History(
+        h.loss[:k], {name: v[:k] for name, v in h.metrics.items()}, h.eval_step, h.steps_trained[:k]
+    )
+    return SweepResult(configs, params, state, history)
 
 
 @dataclass
@@ -184,6 +225,7 @@ def sweep(
     early_stopping: EarlyStopping | None = None,
     chunks: int = 1,
     progress: bool = False,
+    mesh: Mesh | Sequence[jax.Device] | None = None,
 ) -> SweepResult:
     """Trains ``make_tx(**config)`` for every configuration in one vmapped, compiled program.
 
@@ -191,8 +233,12 @@ def sweep(
     initial params shared by all runs, or a function ``key -> params`` called with ``PRNGKey(seed)``.
     The other arguments are those of `gradtx.fit`; each configuration's result equals its own `fit`
     to float rounding, and under ``early_stopping`` each configuration stops on its own.
+
+    ``mesh`` (a `jax.sharding.Mesh` or a list of devices) splits the configurations over the devices:
+    they are padded to a multiple of the device count (the padding is dropped from the result), and
+    every array with a configuration axis (params, optimizer state, history) is sharded along it.
     """
-    member = _member("sweep", make_tx, configs, params)
+    member, table = _member("sweep", make_tx, configs, params, _config_sharding(mesh))
     (result,) = _run(
         [member],
         loss_fn,
@@ -206,7 +252,7 @@ def sweep(
         chunks,
         progress,
     )
-    return SweepResult({k: np.asarray(v) for k, v in member.configs.items()}, *result)
+    return _sweep_result(table, result)
 
 
 def compare(
@@ -223,24 +269,30 @@ def compare(
     early_stopping: EarlyStopping | None = None,
     chunks: int = 1,
     progress: bool = False,
+    mesh: Mesh | Sequence[jax.Device] | None = None,
 ) -> dict[str, SweepResult | TrainResult]:
     """Trains several optimizer families side by side in one compiled program on the same batches.
 
     Each value of ``families`` is a `Transformation` (one run, a `TrainResult`) or a pair
     ``(make_tx, configs)`` (a vmapped sweep of that family, a `SweepResult`). States of different
     shapes are carried together as a tuple, so e.g. the nine optimizers of the course run in one
-    program: ``compare({"sgd": gradtx.sgd(0.01), "adam": gradtx.adam(1e-3), ...}, ...)``.
+    program: ``compare({"sgd": gradtx.sgd(0.01), "adam": gradtx.adam(1e-3), ...}, ...)``. With
+    ``mesh``, each sweep's configurations are split over the devices, as in `sweep`.
     """
     if not families:
         raise ValueError("compare: give at least one optimizer family")
-    members = []
+    members, tables = [], []
+    sharding = _config_sharding(mesh)
     for name, family in families.items():
         if isinstance(family, Transformation):
             p = params(jax.random.PRNGKey(0)) if callable(params) else params
             members.append(Member(lambda family=family: family, None, p))
+            tables.append(None)
         else:
             make_tx, configs = family
-            members.append(_member(f"compare[{name!r}]", make_tx, configs, params))
+            member, table = _member(f"compare[{name!r}]", make_tx, configs, params, sharding)
+            members.append(member)
+            tables.append(table)
     results = _run(
         members,
         loss_fn,
@@ -255,10 +307,8 @@ def compare(
         progress,
     )
     out: dict[str, SweepResult | TrainResult] = {}
-    for name, m, r in zip(families, members, results, strict=True):
-        out[name] = (
-            r if m.configs is None else SweepResult({k: np.asarray(v) for k, v in m.configs.items()}, *r)
-        )
+    for name, table, r in zip(families, tables, results, strict=True):
+        out[name] = r if table is None else _sweep_result(table, r)
     return out
 
 
