@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 import gradtx
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 HERE = Path(__file__).parent
 RATES = [0.01, 0.03, 0.1, 0.3]
@@ -91,8 +91,14 @@ def main():
             for name, make in schedules(total).items()
         }
         results = gradtx.compare(
-            families, loss_fn, init, gradtx.shuffled_batches((xt, yt), BATCH), total,
-            eval_fn=evaluate, eval_every=per_epoch, plateau_metric="valid_loss",
+            families,
+            loss_fn,
+            init,
+            gradtx.shuffled_batches((xt, yt), BATCH),
+            total,
+            eval_fn=evaluate,
+            eval_every=per_epoch,
+            plateau_metric="valid_loss",
         )
         lines += [
             f"## Budget: {epochs} epochs ({total} steps)",
@@ -102,7 +108,12 @@ def main():
         ]
         for name, result in results.items():
             rows = result.rows()
-            lr = min(RATES, key=lambda r: np.mean([w["final_valid_loss"] for w in rows if np.isclose(w["learning_rate"], r)]))
+            lr = min(
+                RATES,
+                key=lambda r: np.mean(
+                    [w["final_valid_loss"] for w in rows if np.isclose(w["learning_rate"], r)]
+                ),
+            )
             group = [w for w in rows if np.isclose(w["learning_rate"], lr)]
             pick = np.isclose(result.configs["learning_rate"], lr)
 
@@ -117,7 +128,9 @@ def main():
             curve = np.asarray(result.history.metrics["valid_loss"])[pick].mean(0)
             ax.plot(np.arange(1, epochs + 1), curve, label=f"{name} (lr={lr:g})")
         lines.append("")
-        ax.set(title=f"{epochs} epochs", xlabel="epoch", ylabel="validation loss (mean of seeds)", yscale="log")
+        ax.set(
+            title=f"{epochs} epochs", xlabel="epoch", ylabel="validation loss (mean of seeds)", yscale="log"
+        )
         ax.legend()
     fig.savefig(HERE / "validation_loss.png", dpi=110, bbox_inches="tight")
     lines.append(f"Run time {time.perf_counter() - started:.0f} s; jax {jax.__version__}.")
