@@ -50,7 +50,7 @@ def identity() -> Transformation:
     )
 
 
-def _accepts_extra(update: Callable) -> bool:
+def accepts_extra(update: Callable) -> bool:
     # A plain optax GradientTransformation takes no extra keyword arguments; ours and optax's
     # GradientTransformationExtraArgs take **extra.
     try:
@@ -71,7 +71,7 @@ def chain(*transforms: Transformation) -> Transformation:
     Extra keyword arguments of ``update`` (``step``, ``value``, ...) reach every member that accepts
     ``**extra``. ``step=`` overrides the chain's own count, as an enclosing chain does.
     """
-    accepts_extra = [_accepts_extra(t.update) for t in transforms]
+    accepts_extra = [accepts_extra(t.update) for t in transforms]
 
     def init(params):
         return ChainState(jnp.zeros([], jnp.int32), tuple(t.init(params) for t in transforms))

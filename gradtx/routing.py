@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from gradtx.base import Params, State, Transformation, Updates, _accepts_extra
+from gradtx.base import Params, State, Transformation, Updates, accepts_extra
 
 MaskSpec = Any  # pytree of bools | Callable[[str, leaf], bool] | str | Sequence[str]
 LabelSpec = Any  # pytree of labels | Callable[[str, leaf], Hashable]
@@ -129,7 +129,7 @@ def _select(tree: Any, keep: list[bool]) -> Any:
 
 
 def _run(inner: Transformation, updates, state, params, extra):
-    kwargs = extra if _accepts_extra(inner.update) else {}
+    kwargs = extra if accepts_extra(inner.update) else {}
     return inner.update(updates, state, params, **kwargs)
 
 
