@@ -71,7 +71,7 @@ def chain(*transforms: Transformation) -> Transformation:
     Extra keyword arguments of ``update`` (``step``, ``value``, ...) reach every member that accepts
     ``**extra``. ``step=`` overrides the chain's own count, as an enclosing chain does.
     """
-    accepts_extra = [accepts_extra(t.update) for t in transforms]
+    extra_ok = [accepts_extra(t.update) for t in transforms]
 
     def init(params):
         return ChainState(jnp.zeros([], jnp.int32), tuple(t.init(params) for t in transforms))
@@ -79,7 +79,7 @@ def chain(*transforms: Transformation) -> Transformation:
     def update(updates, state, params=None, **extra):
         step = extra.pop("step", state.step)
         inner = []
-        for t, s, takes_extra in zip(transforms, state.inner, accepts_extra, strict=True):
+        for t, s, takes_extra in zip(transforms, state.inner, extra_ok, strict=True):
             kwargs = {**extra, "step": step} if takes_extra else {}
             updates, s = t.update(updates, s, params, **kwargs)
             inner.append(s)
