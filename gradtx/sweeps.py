@@ -138,7 +138,7 @@ def _member(
     arrays, params = {k: jnp.asarray(v) for k, v in padded.items()}, _stacked_params(params, padded)
     if sharding is not None:
         arrays, params = jax.device_put((arrays, params), sharding)
-    return Member(build, arrays, params), table
+    return Member(build, arrays, params, sharding), table
 
 
 def _sweep_result(configs: dict[str, np.ndarray], result: TrainResult) -> SweepResult:

@@ -67,6 +67,7 @@ class Member:
     make_tx: Callable[..., Transformation]
     configs: Mapping[str, jax.Array] | None
     params: Params  # stacked along axis 0 when configs is given
+    sharding: jax.sharding.Sharding | None = None  # of the configuration axis, when split over devices
 
 
 def _as_metrics(value: Any) -> dict[str, jax.Array]:
@@ -238,7 +239,12 @@ class _Program:
                 single = jax.tree.map(lambda x: x[0], m.params) if batched else m.params
                 metrics = {name: jnp.zeros(shape, jnp.float32) for name in self._metric_names(single)}
             # A copy, because the carry is donated: the caller's params stay valid.
-            carry.append(jax.tree.map(jnp.copy, (m.params, state, stop, metrics)))
+            member_carry = jax.tree.map(jnp.copy, (m.params, state, stop, metrics))
+            if m.sharding is not None:
+                # Everything in a sweep's carry has the configuration axis first; zeros made inside
+                # init are not tied to the params' sharding by XLA, so place them explicitly.
+                member_carry = jax.device_put(member_carry, m.sharding)
+            carry.append(member_carry)
         return tuple(carry)
 
     def run_periods(self, carry: tuple, key: jax.Array, first_step: jax.Array, num_steps: int, period: int):

@@ -50,6 +50,16 @@ def test_a_sweep_on_8_devices_equals_the_single_device_sweep():
             eight.history.metrics["valid_loss"], one.history.metrics["valid_loss"], rtol=2e-5
         )
         np.testing.assert_array_equal(eight.history.steps_trained, 60)
+
+        # No replicated copies: every array the sweep carries (params, momentum, hyperparameters,
+        # counters) holds 16 / 8 = 2 configurations per device.
+        from gradtx.sweeps import _config_sharding, _member
+        from gradtx.training import _Program
+
+        member, _ = _member("test", make, configs, PARAMS, _config_sharding(jax.devices()))
+        (carry,) = _Program(loss_fn, [member], (X, Y), 60, None, None, None, None).initial_carry()
+        for leaf in jax.tree.leaves(carry):
+            assert leaf.shape[0] == 16 and {s.data.shape[0] for s in leaf.addressable_shards} == {2}
         """
     )
 

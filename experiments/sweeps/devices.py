@@ -1,0 +1,103 @@
+"""Sweep throughput on 1, 2, 4 and 8 simulated CPU devices (``--xla_force_host_platform_device_count``).
+
+The simulated devices share the machine's cores, so no speed-up is expected: this checks that the
+sharded sweep gives the same result, costs no more than the one-device run, and that each device holds
+only its share of the configurations (bytes of params + optimizer state per device). Each device count
+runs in its own process, because the count is fixed when JAX starts. Writes ``devices.md``.
+
+    python experiments/sweeps/devices.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+WORKER = """
+import json, statistics, sys, time
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from run import init, loss_fn, setup
+import gradtx
+
+steps, rates = 500, np.logspace(-3, -0.5, 64)
+batches = setup(steps)
+params = init(jax.random.PRNGKey(0))
+
+def sweep():
+    return gradtx.sweep(
+        lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9), {"learning_rate": rates},
+        loss_fn, params, batches, steps, mesh=jax.devices(),
+    )
+
+times = []
+for _ in range(3):
+    start = time.perf_counter()
+    result = sweep()
+    jax.block_until_ready(result.history.loss)
+    times.append(time.perf_counter() - start)
+# Bytes of params + optimizer state held by device 0, in the carry the sweep trains.
+from gradtx.sweeps import _config_sharding, _member
+from gradtx.training import _Program
+member, _ = _member("devices", lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9),
+                    {"learning_rate": rates}, params, _config_sharding(jax.devices()))
+(carry,) = _Program(loss_fn, [member], batches, steps, None, None, None, None).initial_carry()
+per_device = sum(
+    s.data.nbytes for leaf in jax.tree.leaves(carry[:2]) for s in leaf.addressable_shards
+    if s.device == jax.devices()[0]
+)
+print(json.dumps({"devices": jax.device_count(), "median_s": statistics.median(times), "times": times,
+                  "final_loss": np.asarray(result.history.loss[:, -20:].mean(1)).tolist(),
+                  "bytes_device0": per_device}))
+"""
+
+
+def main():
+    rows = []
+    for n in (1, 2, 4, 8):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        out = subprocess.run(
+            [sys.executable, "-c", WORKER, str(HERE)], env=env, capture_output=True, text=True, check=True
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1]["devices"], "devices:", f"{rows[-1]['median_s']:.2f} s", flush=True)
+    base = rows[0]
+    lines = [
+        "# Sweep on 1, 2, 4, 8 simulated CPU devices",
+        "",
+        "64 learning rates, digits MLP 64-128-128-10, SGD + momentum 0.9, batch 32, 500 steps; wall time of",
+        "`gradtx.sweep(..., mesh=jax.devices())` including compilation, median of 3. Machine: "
+        f"{os.cpu_count()} cores shared by all the simulated devices, so no speed-up is expected.",
+        "",
+        "| devices | wall time (s) | vs 1 device | params + state on device 0 (MiB) "
+        "| max final-loss difference vs 1 device (stable runs) |",
+        "|---|---|---|---|---|",
+    ]
+    # Runs that diverge or oscillate (the largest rates) amplify float rounding; compare the others.
+    stable = [i for i, v in enumerate(base["final_loss"]) if v < 0.5]
+    for r in rows:
+        diff = max(abs(r["final_loss"][i] - base["final_loss"][i]) for i in stable)
+        lines.append(
+            f"| {r['devices']} | {r['median_s']:.2f} | {r['median_s'] / base['median_s']:.2f}x | "
+            f"{r['bytes_device0'] / 2**20:.2f} | {diff:.1e} |"
+        )
+    lines += [
+        "",
+        f"Stable runs: the {len(stable)} of 64 whose final loss on 1 device is below 0.5; the others (the "
+        "largest rates) oscillate or diverge, and there float rounding differences grow.",
+        "",
+        "The bytes held per device fall as 1/devices: each device keeps only its configurations' params "
+        "and optimizer state. When a GPU or TPU machine is available the same script with real devices "
+        "measures the speed-up.",
+    ]
+    (HERE / "devices.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
