@@ -14,6 +14,7 @@ from gradtx.base import (
     identity,
     step_count,
 )
+from gradtx.grouping import GroupedState, grouped
 from gradtx.hyperparams import Hyperparams, hyperparams, set_hyperparams
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
 from gradtx.transforms import (
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ChainState",
     "EmptyState",
+    "GroupedState",
     "Hyperparams",
     "Schedule",
     "Transformation",
@@ -42,6 +44,7 @@ __all__ = [
     "add_decayed_weights",
     "apply_updates",
     "chain",
+    "grouped",
     "hyperparams",
     "identity",
     "momentum",
