@@ -27,8 +27,8 @@ from the stacked one (seen: a scalar leaf under Nadam, 1 ulp).
 Cost at run time. Stacking copies the gradients (and, for transformations that read them, the
 params) once per step, and the update of a group is written before the leaves are sliced out of it:
 for Adam about 56 bytes moved per parameter instead of 40. Leaves larger than ``max_group_size``
-elements are therefore left alone (a group of one is a free reshape and fuses as in the per-leaf
-mode): large leaves are few, so they cost little compile time, and they are where bandwidth matters.
+elements are therefore left alone (a group of one is the leaf itself, as in the per-leaf mode):
+large leaves are few, so they cost little compile time, and they are where bandwidth matters.
 
 The grouping is decided by the shapes and dtypes of the leaves, which are static under ``jit``:
 ``update`` must receive updates with the dtypes of the params given to ``init`` (as ``jax.grad``
@@ -48,7 +48,7 @@ GroupKey = str  # a group's name in the state, e.g. "float32[64,256]"
 
 
 class GroupedState(NamedTuple):
-    inner: State  # the inner transformation's state over {group key: stacked leaves (k, *shape)}
+    inner: State  # the inner state over {group key: stacked leaves (k, *shape), or a lone leaf}
     position: dict[GroupKey, tuple[jax.Array, ...]]  # int32 scalars 0..k-1: each leaf's row
 
 
@@ -67,11 +67,12 @@ def group_indices(leaves: list[Any], max_group_size: int) -> dict[GroupKey, list
 
 
 def _stack(leaves: list[Any], groups: dict[GroupKey, list[int]]) -> dict[GroupKey, jax.Array]:
-    # A group of one is a reshape, which XLA turns into a bitcast: no copy. (Writing each leaf into
-    # its row with a dynamic_update_slice, to share one kernel as the unstacking does, measured no
-    # faster to compile than one concatenate per group.)
+    # A group of one is the leaf itself, unstacked: even a free reshape to (1, *shape) made XLA add a
+    # copy of donated params (AdamW reads them). (Writing each leaf into its row with a
+    # dynamic_update_slice, to share one kernel as the unstacking does, measured no faster to
+    # compile than one concatenate per group.)
     return {
-        key: leaves[idx[0]][None] if len(idx) == 1 else jnp.stack([leaves[i] for i in idx])
+        key: leaves[idx[0]] if len(idx) == 1 else jnp.stack([leaves[i] for i in idx])
         for key, idx in groups.items()
     }
 
@@ -113,7 +114,7 @@ def grouped(tx: Transformation, max_group_size: int = 1 << 16) -> Transformation
         out = list(flat)
         for key, idx in groups.items():
             if len(idx) == 1:
-                out[idx[0]] = stacked[key][0]
+                out[idx[0]] = stacked[key]
                 continue
             rows = state.position.get(key, ())
             if len(rows) != len(idx):

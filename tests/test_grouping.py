@@ -101,7 +101,7 @@ def test_state_keeps_same_shape_leaves_stacked():
     assert mu["float32[3,4]"].shape == (2, 3, 4)  # "a" and "b"
     assert mu["float16[4]"].shape == (3, 4) and mu["float16[4]"].dtype == jnp.float32
     assert mu["float32[]"].shape == (3,)
-    assert mu["float32[16]#2"].shape == (1, 16)  # above max_group_size: a group of its own
+    assert mu["float32[16]#2"].shape == (16,)  # above max_group_size: a group of its own
 
 
 def test_hyperparams_read_and_set_through_the_grouped_state():
