@@ -15,6 +15,7 @@ from gradtx.base import (
     step_count,
 )
 from gradtx.constraints import max_norm, min_max_norm, non_neg, unit_norm
+from gradtx.grouping import GroupedState, grouped
 from gradtx.hyperparams import Hyperparams, hyperparams, set_hyperparams
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
 from gradtx.plateau import PlateauState, current_learning_rate, plateau_scale, reduce_on_plateau
@@ -69,6 +70,7 @@ __all__ = [
     "ChainState",
     "EarlyStopping",
     "EmptyState",
+    "GroupedState",
     "History",
     "Hyperparams",
     "MaskedState",
@@ -100,6 +102,7 @@ __all__ = [
     "exponential_schedule",
     "fit",
     "grid",
+    "grouped",
     "hyperparams",
     "identity",
     "join_schedules",

@@ -122,7 +122,10 @@ class HyperSpec:
         return {name: as_float32(self.owner, name, s(step)) for name, s in self.schedules.items()}
 
     def init(self) -> Hyperparams:
-        return Hyperparams(dict(self.constants), self._evaluate(jnp.zeros([], jnp.int32)))
+        # Fresh copies: a jitted step that donates its state deletes these buffers, and the next
+        # ``init`` of the same transformation must not hand out deleted arrays.
+        constant = {name: jnp.copy(v) for name, v in self.constants.items()}
+        return Hyperparams(constant, self._evaluate(jnp.zeros([], jnp.int32)))
 
     def resolve(self, hp: Hyperparams, step: jax.Array | None) -> tuple[dict[str, jax.Array], Hyperparams]:
         """The values for this step (constants from the state, schedules at ``step``) and the new node."""

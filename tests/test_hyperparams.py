@@ -193,3 +193,10 @@ def test_bf16_params_keep_float32_hyperparameters_and_state():
     # with the float32 run at bf16 resolution.
     ref, _ = _run(gradtx.adam(0.01), steps=3)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), b, atol=2e-2), params, ref)
+
+
+def test_init_after_a_donated_step_hands_out_live_hyperparameters():
+    tx = gradtx.adam(0.1)
+    step = jax.jit(lambda s, g: tx.update(g, s, PARAMS)[1], donate_argnums=0)
+    step(tx.init(PARAMS), _grads(0))  # donates (deletes) the state's arrays
+    assert float(gradtx.hyperparams(tx.init(PARAMS))["learning_rate"]) == np.float32(0.1)
