@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).parent
 
 WORKER = """
@@ -52,7 +54,7 @@ per_device = sum(
     if s.device == jax.devices()[0]
 )
 print(json.dumps({"devices": jax.device_count(), "median_s": statistics.median(times), "times": times,
-                  "final_loss": np.asarray(result.history.loss[:, -20:].mean(1)).tolist(),
+                  "loss": np.asarray(result.history.loss).tolist(),
                   "bytes_device0": per_device}))
 """
 
@@ -67,29 +69,41 @@ def main():
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1]["devices"], "devices:", f"{rows[-1]['median_s']:.2f} s", flush=True)
     base = rows[0]
+    rates = np.logspace(-3, -0.5, 64)
     lines = [
         "# Sweep on 1, 2, 4, 8 simulated CPU devices",
         "",
         "64 learning rates, digits MLP 64-128-128-10, SGD + momentum 0.9, batch 32, 500 steps; wall time of",
         "`gradtx.sweep(..., mesh=jax.devices())` including compilation, median of 3. Machine: "
-        f"{os.cpu_count()} cores shared by all the simulated devices, so no speed-up is expected.",
+        f"{os.cpu_count()} cores shared by all the simulated devices. The wall time can still fall with "
+        "more simulated devices: each runs its share of the program on its own thread, which keeps both "
+        "cores busy; it says nothing about real devices.",
         "",
         "| devices | wall time (s) | vs 1 device | params + state on device 0 (MiB) "
-        "| max final-loss difference vs 1 device (stable runs) |",
-        "|---|---|---|---|---|",
+        "| max loss difference vs 1 device, first 20 steps | runs with final loss within 1e-4 of 1 device "
+        "| of those with rate < 0.05 |",
+        "|---|---|---|---|---|---|---|",
     ]
-    # Runs that diverge or oscillate (the largest rates) amplify float rounding; compare the others.
-    stable = [i for i, v in enumerate(base["final_loss"]) if v < 0.5]
+    base_loss = np.asarray(base["loss"])
+    final = slice(-20, None)
+    small = rates < 0.05
     for r in rows:
-        diff = max(abs(r["final_loss"][i] - base["final_loss"][i]) for i in stable)
+        loss = np.asarray(r["loss"])
+        early = np.abs(loss[:, :20] - base_loss[:, :20]).max()
+        agree = np.abs(loss[:, final].mean(1) - base_loss[:, final].mean(1)) <= 1e-4
         lines.append(
             f"| {r['devices']} | {r['median_s']:.2f} | {r['median_s'] / base['median_s']:.2f}x | "
-            f"{r['bytes_device0'] / 2**20:.2f} | {diff:.1e} |"
+            f"{r['bytes_device0'] / 2**20:.2f} | {early:.1e} | {agree.sum()} / 64 | "
+            f"{agree[small].sum()} / {small.sum()} |"
         )
     lines += [
         "",
-        f"Stable runs: the {len(stable)} of 64 whose final loss on 1 device is below 0.5; the others (the "
-        "largest rates) oscillate or diverge, and there float rounding differences grow.",
+        "Why some runs differ. A different number of configurations per device changes how XLA's CPU "
+        "backend blocks the batched matmuls, so the float32 sums round differently (the first 20 steps "
+        "agree to the printed difference). Runs at small rates stay on the same trajectory; at the "
+        "largest rates (momentum 0.9, rate above about 0.05) training sits at the edge of stability and "
+        "rounding differences grow until the final losses differ, in either direction. "
+        "`tests/test_sharding.py` checks equality to rounding on short runs.",
         "",
         "The bytes held per device fall as 1/devices: each device keeps only its configurations' params "
         "and optimizer state. When a GPU or TPU machine is available the same script with real devices "
