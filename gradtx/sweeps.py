@@ -121,24 +121,31 @@ def _member(
     configs: Configs,
     params,
     sharding: NamedSharding | None = None,
+    group_size: int | None = None,
 ) -> tuple[Member, dict[str, np.ndarray]]:
-    """The member and its configurations. With a ``sharding``, the configurations are padded (the last
-    one repeated) to a multiple of the number of devices and placed along the configuration axis."""
+    """The member and its configurations. With a ``sharding`` (or a ``group_size``), the configurations
+    are padded (the last one repeated) to a multiple of the number of devices (of the group size); a
+    sharding places them along the configuration axis."""
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int | np.integer) or group_size < 1:
+            raise ValueError(f"{owner}: group_size must be a positive int or None, got {group_size!r}")
+        if sharding is not None:
+            raise ValueError(f"{owner}: give group_size or mesh, not both (a mesh already splits the sweep)")
     table = _as_configs(owner, configs)
     _check_factory(owner, make_tx, table)
 
     def build(**config):
         return make_tx(**{k: v for k, v in config.items() if k != "seed"})
 
-    padded = table
-    if sharding is not None:
-        k, n = len(next(iter(table.values()))), sharding.mesh.size
-        extra = -k % n
-        padded = {name: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for name, v in table.items()}
+    k = len(next(iter(table.values())))
+    multiple = sharding.mesh.size if sharding is not None else min(group_size or 1, k)
+    extra = -k % multiple
+    padded = {name: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for name, v in table.items()}
     arrays, params = {k: jnp.asarray(v) for k, v in padded.items()}, _stacked_params(params, padded)
     if sharding is not None:
         arrays, params = jax.device_put((arrays, params), sharding)
-    return Member(build, arrays, params, sharding), table
+    group = None if group_size is None or group_size >= k else int(group_size)
+    return Member(build, arrays, params, sharding, group), table
 
 
 def _sweep_result(configs: dict[str, np.ndarray], result: TrainResult) -> SweepResult:
@@ -226,6 +233,7 @@ def sweep(
     chunks: int = 1,
     progress: bool = False,
     mesh: Mesh | Sequence[jax.Device] | None = None,
+    group_size: int | None = None,
 ) -> SweepResult:
     """Trains ``make_tx(**config)`` for every configuration in one vmapped, compiled program.
 
@@ -237,8 +245,14 @@ def sweep(
     ``mesh`` (a `jax.sharding.Mesh` or a list of devices) splits the configurations over the devices:
     they are padded to a multiple of the device count (the padding is dropped from the result), and
     every array with a configuration axis (params, optimizer state, history) is sharded along it.
+
+    ``group_size`` trains the configurations that many at a time (vmapped), the groups one after
+    another inside the same compiled program (padded to a multiple, the padding dropped). One wide
+    vmap (the default, ``None``) suits a GPU or TPU; on a CPU, XLA's batched matmuls are slower per
+    configuration than single ones, and groups of 1-4 train a sweep up to twice as fast (see
+    ``experiments/sweeps/results.md``). The results are the same to float rounding.
     """
-    member, table = _member("sweep", make_tx, configs, params, _config_sharding(mesh))
+    member, table = _member("sweep", make_tx, configs, params, _config_sharding(mesh), group_size)
     (result,) = _run(
         [member],
         loss_fn,
@@ -270,6 +284,7 @@ def compare(
     chunks: int = 1,
     progress: bool = False,
     mesh: Mesh | Sequence[jax.Device] | None = None,
+    group_size: int | None = None,
 ) -> dict[str, SweepResult | TrainResult]:
     """Trains several optimizer families side by side in one compiled program on the same batches.
 
@@ -277,7 +292,8 @@ def compare(
     ``(make_tx, configs)`` (a vmapped sweep of that family, a `SweepResult`). States of different
     shapes are carried together as a tuple, so e.g. the nine optimizers of the course run in one
     program: ``compare({"sgd": gradtx.sgd(0.01), "adam": gradtx.adam(1e-3), ...}, ...)``. With
-    ``mesh``, each sweep's configurations are split over the devices, as in `sweep`.
+    ``mesh``, each sweep's configurations are split over the devices, and with ``group_size`` each
+    sweep trains its configurations that many at a time, as in `sweep`.
     """
     if not families:
         raise ValueError("compare: give at least one optimizer family")
@@ -290,7 +306,7 @@ def compare(
             tables.append(None)
         else:
             make_tx, configs = family
-            member, table = _member(f"compare[{name!r}]", make_tx, configs, params, sharding)
+            member, table = _member(f"compare[{name!r}]", make_tx, configs, params, sharding, group_size)
             members.append(member)
             tables.append(table)
     results = _run(

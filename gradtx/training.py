@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import jax
@@ -68,6 +68,7 @@ class Member:
     configs: Mapping[str, jax.Array] | None
     params: Params  # stacked along axis 0 when configs is given
     sharding: jax.sharding.Sharding | None = None  # of the configuration axis, when split over devices
+    group_size: int | None = None  # configurations vmapped together; groups run one after another
 
 
 def _as_metrics(value: Any) -> dict[str, jax.Array]:
@@ -248,14 +249,51 @@ class _Program:
         return tuple(carry)
 
     def run_periods(self, carry: tuple, key: jax.Array, first_step: jax.Array, num_steps: int, period: int):
-        """Runs ``num_steps`` steps from ``first_step`` in periods of ``period`` steps (traced)."""
+        """Runs ``num_steps`` steps from ``first_step`` in periods of ``period`` steps (traced).
 
+        Members without a ``group_size`` step together in one scan over the steps. A member with one
+        runs its configurations ``group_size`` at a time: a `lax.map` over the groups, each group a
+        vmapped scan over all the steps (on a CPU, small groups beat one wide vmap)."""
         batch_at = self.prepare_batches(first_step, num_steps, key)
+        together = [i for i, m in enumerate(self.members) if m.group_size is None]
+        new_carry, losses, evaluated = list(carry), [None] * len(carry), [None] * len(carry)
+        if together:
+            members, member_carry = [self.members[i] for i in together], [carry[i] for i in together]
+            c, (l, e) = self._scan_periods(members, member_carry, batch_at, first_step, num_steps, period)
+            for j, i in enumerate(together):
+                new_carry[i], losses[i], evaluated[i] = c[j], l[j], e[j] if e else None
+        for i, m in enumerate(self.members):
+            if m.group_size is not None:
+                new_carry[i], losses[i], evaluated[i] = self._grouped_periods(
+                    m, carry[i], batch_at, first_step, num_steps, period
+                )
+        out_metrics = tuple(evaluated) if self.eval_fn is not None else ()
+        return tuple(new_carry), (tuple(losses), out_metrics)
+
+    def _grouped_periods(self, m: Member, carry, batch_at, first_step, num_steps: int, period: int):
+        n, k = len(next(iter(m.configs.values()))), m.group_size
+        split = lambda x: x.reshape(n // k, k, *x.shape[1:])  # noqa: E731
+
+        def one_group(group):
+            configs, member_carry = group
+            member = replace(m, configs=configs, group_size=None)
+            c, (l, e) = self._scan_periods([member], [member_carry], batch_at, first_step, num_steps, period)
+            return c[0], (l[0], e[0] if e else {})
+
+        carry, (loss, metrics) = jax.lax.map(one_group, jax.tree.map(split, (m.configs, carry)))
+        # Back to the layout of the members stepped together: configurations last, in order.
+        carry = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), carry)
+        loss = jnp.moveaxis(loss, 0, -2).reshape(*loss.shape[1:-1], n)
+        metrics = {name: jnp.moveaxis(v, 0, -2).reshape(*v.shape[1:-1], n) for name, v in metrics.items()}
+        return carry, loss, metrics
+
+    def _scan_periods(self, members, carry, batch_at, first_step, num_steps: int, period: int):
+        """``members`` stepped together on the same batches: a scan over periods of a scan over steps."""
 
         def one_step(carry, step):
             batch = batch_at(step)
             new, losses = [], []
-            for m, (params, state, stop, metrics) in zip(self.members, carry, strict=True):
+            for m, (params, state, stop, metrics) in zip(members, carry, strict=True):
                 extra = {}
                 if self.plateau_metric is not None:
                     # The last evaluation is fed once, at the first step of the next period.
@@ -277,7 +315,7 @@ class _Program:
             if self.eval_fn is None:
                 return carry, (losses, ())
             new, evaluated = [], []
-            for m, (params, state, stop, _) in zip(self.members, carry, strict=True):
+            for m, (params, state, stop, _) in zip(members, carry, strict=True):
                 batched = m.configs is not None
                 metrics = _maybe_vmap(lambda p: _as_metrics(self.eval_fn(p)), batched, (0,))(params)
                 metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
@@ -287,7 +325,7 @@ class _Program:
             return tuple(new), (losses, tuple(evaluated))
 
         starts = first_step + period * jnp.arange(num_steps // period)
-        return jax.lax.scan(one_period, carry, starts)
+        return jax.lax.scan(one_period, tuple(carry), starts)
 
     def run(self, key: jax.Array, chunks: int, progress: bool) -> list[TrainResult]:
         period = self.period or math.gcd(self.steps, max(1, -(-self.steps // chunks)))

@@ -240,3 +240,74 @@ def test_bad_sweeps_fail_before_compiling(configs, message):
 def test_compare_needs_a_family():
     with pytest.raises(ValueError, match="at least one optimizer family"):
         gradtx.compare({}, loss_fn, PARAMS, (X, Y), STEPS)
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 5])
+def test_groups_of_configurations_give_the_same_runs(group_size):
+    # 5 configurations in groups of 2: padded to 6, the padding dropped. Early stopping, the plateau
+    # feed and the evaluations all run inside the groups; each run equals its own fit.
+    rule = gradtx.EarlyStopping("valid_loss", patience=2, min_delta=0.02)
+    make = lambda learning_rate, patience: gradtx.chain(  # noqa: E731
+        gradtx.sgd(learning_rate, momentum=0.5),
+        gradtx.reduce_on_plateau(factor=0.5, patience=patience, min_delta=0.2),
+    )
+    configs = {"learning_rate": [0.0005, 0.01, 0.05, 0.1, 0.02], "patience": [0, 1, 2, 100, 0]}
+    kwargs = dict(eval_fn=valid, eval_every=10, plateau_metric="valid_loss", early_stopping=rule)
+    result = gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS, group_size=group_size, **kwargs)
+    assert result.history.loss.shape == (5, STEPS)
+    assert result.history.metrics["valid_loss"].shape == (5, STEPS // 10)
+    trained = np.asarray(result.history.steps_trained)
+    assert trained.min() < STEPS  # some run stopped early: the freezing is exercised
+    for i in range(5):
+        lr, patience = configs["learning_rate"][i], configs["patience"][i]
+        single = gradtx.fit(loss_fn, PARAMS, make(lr, patience), (X, Y), STEPS, **kwargs)
+        assert int(single.history.steps_trained) == trained[i]
+        assert_same_run(result, i, single)
+        np.testing.assert_allclose(
+            result.history.metrics["valid_loss"][i],
+            single.history.metrics["valid_loss"],
+            rtol=RTOL,
+            atol=ATOL,
+        )
+        np.testing.assert_allclose(
+            gradtx.plateau_scale(result.opt_state)[i], gradtx.plateau_scale(single.opt_state), rtol=RTOL
+        )
+
+
+def test_compare_groups_a_family_and_steps_the_others_together():
+    results = gradtx.compare(
+        {
+            "sgd": gradtx.sgd(0.05),
+            "adam": (lambda learning_rate: gradtx.adam(learning_rate), {"learning_rate": [0.01, 0.03, 0.1]}),
+        },
+        loss_fn,
+        PARAMS,
+        (X, Y),
+        STEPS,
+        group_size=2,
+    )
+    assert_same_run(results["adam"], 2, gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.1), (X, Y), STEPS))
+    single = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.05), (X, Y), STEPS)
+    np.testing.assert_allclose(results["sgd"].history.loss, single.history.loss, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("group_size", [0, -1, 1.5, True])
+def test_group_size_must_be_a_positive_int(group_size):
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        gradtx.sweep(
+            gradtx.sgd, {"learning_rate": [0.1]}, loss_fn, PARAMS, (X, Y), STEPS, group_size=group_size
+        )
+
+
+def test_group_size_and_mesh_do_not_combine():
+    with pytest.raises(ValueError, match="group_size or mesh"):
+        gradtx.sweep(
+            gradtx.sgd,
+            {"learning_rate": [0.1]},
+            loss_fn,
+            PARAMS,
+            (X, Y),
+            STEPS,
+            group_size=1,
+            mesh=jax.devices(),
+        )
