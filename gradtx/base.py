@@ -101,8 +101,9 @@ def is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-def zeros_like_state(p: Any) -> jax.Array:
-    """An accumulator for leaf ``p``: at least float32, so bf16 params do not get bf16 moments.
+def zeros_like_state(p: Any, dtype: Any = None) -> jax.Array:
+    """An accumulator for leaf ``p``: at least float32, so bf16 params do not get bf16 moments
+    (unless ``dtype`` asks for a given floating dtype, e.g. a reduced-precision first moment).
 
     Outside ``jit`` it is placed with ``p``'s sharding, so the state of sharded params is sharded the
     same way (no replicated copies); inside ``jit``, pass ``out_shardings`` or let XLA propagate.
@@ -110,7 +111,8 @@ def zeros_like_state(p: Any) -> jax.Array:
     if not is_float(p):
         return jnp.zeros([], jnp.float32)  # a placeholder: non-float leaves are never updated
     sharding = p.sharding if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) else None
-    return jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32), device=sharding)
+    dtype = jnp.promote_types(jnp.result_type(p), jnp.float32) if dtype is None else dtype
+    return jnp.zeros(jnp.shape(p), dtype, device=sharding)
 
 
 def _mismatch(owner: str, updates: Any, reference: Any) -> ValueError:

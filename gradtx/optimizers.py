@@ -8,6 +8,8 @@ or a schedule ``step -> value``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from gradtx import transforms
@@ -73,11 +75,13 @@ def adam(
     beta_2: Hyper = 0.999,
     epsilon: Hyper = 1e-7,
     amsgrad: bool = False,
+    mu_dtype: Any = None,
 ) -> Transformation:
     """Adam:  ``m <- b1*m + (1 - b1)*grad;  v <- b2*v + (1 - b2)*grad^2;
-    theta <- theta - eta * sqrt(1 - b2^t)/(1 - b1^t) * m / (sqrt(v) + eps)``.  (Keras ``Adam``.)"""
+    theta <- theta - eta * sqrt(1 - b2^t)/(1 - b1^t) * m / (sqrt(v) + eps)``.  (Keras ``Adam``.)
+    ``mu_dtype=jnp.bfloat16`` keeps ``m`` in bfloat16 (see `scale_by_adam`)."""
     return chain(
-        transforms.scale_by_adam(beta_1, beta_2, epsilon, amsgrad),
+        transforms.scale_by_adam(beta_1, beta_2, epsilon, amsgrad, mu_dtype),
         transforms.scale_by_learning_rate(learning_rate),
     )
 
@@ -111,15 +115,17 @@ def adamw(
     beta_2: Hyper = 0.999,
     epsilon: Hyper = 1e-7,
     amsgrad: bool = False,
+    mu_dtype: Any = None,
 ) -> Transformation:
     """AdamW: Adam with decoupled weight decay,
     ``theta <- theta - eta * (adam_direction + weight_decay * theta)``.
 
     The decay is multiplied by the learning rate, as in Keras ``AdamW`` (and the paper's schedule
     multiplier). To decay every leaf except some, route with the masking transformations.
+    ``mu_dtype=jnp.bfloat16`` keeps ``m`` in bfloat16 (see `scale_by_adam`).
     """
     return chain(
-        transforms.scale_by_adam(beta_1, beta_2, epsilon, amsgrad),
+        transforms.scale_by_adam(beta_1, beta_2, epsilon, amsgrad, mu_dtype),
         transforms.add_decayed_weights(weight_decay),
         transforms.scale_by_learning_rate(learning_rate),
     )

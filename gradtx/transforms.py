@@ -12,7 +12,7 @@ follow Keras 3, which is the reference the course uses.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,15 @@ def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
     return x.astype(jnp.result_type(ref))
 
 
-def _zeros(params: Params) -> Updates:
-    return jax.tree.map(zeros_like_state, params)
+def _zeros(params: Params, dtype: Any = None) -> Updates:
+    return jax.tree.map(lambda p: zeros_like_state(p, dtype), params)
+
+
+def _state_dtype(owner: str, name: str, dtype: Any) -> Any:
+    """A storage dtype for a moment: None (the default precision) or a floating dtype."""
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(f"{owner}: {name} must be a floating dtype such as jnp.bfloat16, got {dtype!r}")
+    return dtype
 
 
 def _time(step: jax.Array | None, owner: str) -> jax.Array:
@@ -166,7 +173,11 @@ class AdamState(NamedTuple):
 
 
 def scale_by_adam(
-    beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper = 1e-7, amsgrad: bool = False
+    beta_1: Hyper = 0.9,
+    beta_2: Hyper = 0.999,
+    epsilon: Hyper = 1e-7,
+    amsgrad: bool = False,
+    mu_dtype: Any = None,
 ) -> Transformation:
     """Adam:  ``m <- m + (1 - b1)*(g - m);  v <- v + (1 - b2)*(g*g - v);
     u <- m * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps)``.
@@ -174,11 +185,17 @@ def scale_by_adam(
     This is the bias correction of Kingma & Ba's efficient form, as in Keras: epsilon is added to the
     uncorrected ``sqrt(v)``. With ``amsgrad`` the denominator uses ``vmax <- max(vmax, v)``
     (Reddi et al., 2018).
+
+    ``mu_dtype`` (e.g. ``jnp.bfloat16``) stores ``m`` in a smaller dtype: the step computes in float32
+    and rounds the new ``m`` once, when storing it. Only ``m``: ``v``'s increments, ``(1 - b2)`` of its
+    size, would fall below bfloat16's resolution (2^-8) and be lost.
     """
     spec = HyperSpec("scale_by_adam", beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    mu_dtype = _state_dtype("scale_by_adam", "mu_dtype", mu_dtype)
 
     def init(params):
-        return AdamState(_zeros(params), _zeros(params), _zeros(params) if amsgrad else None, spec.init())
+        nu_max = _zeros(params) if amsgrad else None
+        return AdamState(_zeros(params, mu_dtype), _zeros(params), nu_max, spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
         h, hp = spec.resolve(state.hyperparams, step)
@@ -187,12 +204,13 @@ def scale_by_adam(
         correction = jnp.sqrt(1 - jnp.power(b2, t)) / (1 - jnp.power(b1, t))
 
         def leaf(g, m, v, *vmax):
-            g32 = g.astype(m.dtype)
+            stored, m = m.dtype, m.astype(v.dtype)  # the step computes in v's precision
+            g32 = g.astype(v.dtype)
             m = m + (g32 - m) * (1 - b1)
             v = v + (jnp.square(g32) - v) * (1 - b2)
             vmax = tuple(jnp.maximum(w, v) for w in vmax)
             denominator = jnp.sqrt(vmax[0] if amsgrad else v) + eps
-            return (_like(m * correction / denominator, g), m, v, *vmax)
+            return (_like(m * correction / denominator, g), m.astype(stored), v, *vmax)
 
         trees = (state.mu, state.nu, state.nu_max) if amsgrad else (state.mu, state.nu)
         updates, mu, nu, *nu_max = leafwise("scale_by_adam", leaf, updates, *trees)
