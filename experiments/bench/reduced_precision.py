@@ -98,7 +98,7 @@ def accuracy(lines):
         pairs = zip(jax.tree.leaves(result.params), jax.tree.leaves(reference), strict=True)
         diff = max(float(jnp.abs(a - b).max()) for a, b in pairs)
         lines.append(
-            f"| {name} | {loss.mean():.4f} ± {loss.std():.4f} | "
+            f"| {name} | {loss.mean():.2e} ± {loss.std():.1e} | "
             f"{acc.mean():.4f} ± {acc.std():.4f} | {diff:.1e} |"
         )
     lines.append("")
