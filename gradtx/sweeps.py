@@ -249,7 +249,7 @@ def sweep(
     ``group_size`` trains the configurations that many at a time (vmapped), the groups one after
     another inside the same compiled program (padded to a multiple, the padding dropped). One wide
     vmap (the default, ``None``) suits a GPU or TPU; on a CPU, XLA's batched matmuls are slower per
-    configuration than single ones, and groups of 1-4 train a sweep up to twice as fast (see
+    configuration than single ones, and groups of 2 trained a 64-rate sweep 1.4-1.5x faster (see
     ``experiments/sweeps/results.md``). The results are the same to float rounding.
     """
     member, table = _member("sweep", make_tx, configs, params, _config_sharding(mesh), group_size)
