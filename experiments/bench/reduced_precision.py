@@ -15,6 +15,7 @@ Writes ``experiments/bench/reduced_precision.md``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -33,6 +34,12 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from run import compile_step, runner, time_interleaved  # noqa: E402
 
+# The digits MLP of the sweep benchmark (its ``run.py``, loaded by path: the name clashes with ours).
+_spec = importlib.util.spec_from_file_location("sweeps_run", HERE.parent / "sweeps" / "run.py")
+sweeps_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweeps_run)
+init = sweeps_run.init
+
 STEPS, BATCH, SEEDS, RATES = 3000, 32, 5, (1e-3, 3e-3)
 
 
@@ -43,14 +50,6 @@ def digits():
     train, valid = order[:1400], order[1400:]
     index = np.random.default_rng(1).integers(0, len(train), (STEPS, BATCH))
     return (x[train][index], jnp.asarray(y)[train][index]), (x[valid], jnp.asarray(y)[valid])
-
-
-def init(key):
-    sizes, params = [64, 128, 128, 10], {}
-    for i, (k, n_in, n_out) in enumerate(zip(jax.random.split(key, 3), sizes[:-1], sizes[1:], strict=True)):
-        params[f"w{i}"] = jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in)
-        params[f"b{i}"] = jnp.zeros(n_out)
-    return params
 
 
 def logits(p, x):
