@@ -71,13 +71,15 @@ def _assert_trees_equal(a, b, ulp=0):
         np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol)
 
 
+@pytest.mark.parametrize("max_group_leaves", [64, 2])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_grouped_gives_the_per_leaf_results(name):
+def test_grouped_gives_the_per_leaf_results(name, max_group_leaves):
     # The same float32 operations element by element; XLA may still compile a scalar leaf's kernel
     # differently from the stacked one (seen: Nadam, 1 ulp), hence "to rounding", not to the bit.
+    # max_group_leaves=2 cuts the three float16 and the three scalar leaves into groups of 2 and 1.
     make = OPTIMIZERS[name]
     per_leaf, _ = _train(make())
-    grouped, _ = _train(gradtx.grouped(make(), max_group_size=12))
+    grouped, _ = _train(gradtx.grouped(make(), max_group_size=12, max_group_leaves=max_group_leaves))
     _assert_trees_equal(grouped, per_leaf, ulp=2)
 
 
@@ -102,6 +104,15 @@ def test_state_keeps_same_shape_leaves_stacked():
     assert mu["float16[4]"].shape == (3, 4) and mu["float16[4]"].dtype == jnp.float32
     assert mu["float32[]"].shape == (3,)
     assert mu["float32[16]#2"].shape == (16,)  # above max_group_size: a group of its own
+
+
+def test_groups_are_cut_at_max_group_leaves():
+    state = gradtx.grouped(gradtx.adam(), max_group_size=12, max_group_leaves=2).init(_params())
+    mu = state.inner.inner[0].mu
+    assert mu["float16[4]"].shape == (2, 4) and mu["float16[4]@2"].shape == (4,)
+    assert mu["float32[]"].shape == (2,) and mu["float32[]@2"].shape == ()
+    # One tuple of row numbers serves every group: as long as the largest group.
+    np.testing.assert_array_equal(state.rows, [0, 1])
 
 
 def test_hyperparams_read_and_set_through_the_grouped_state():
@@ -150,10 +161,25 @@ def test_grouped_state_survives_a_donated_step():
 def test_updates_for_another_tree_are_rejected():
     tx = gradtx.grouped(gradtx.adam())
     state = tx.init({"a": jnp.ones(3), "b": jnp.ones(3)})
-    with pytest.raises(ValueError, match="float32\\[3\\]"):
+    with pytest.raises(ValueError, match="float32\\[3\\] of shape \\(3, 3\\)"):
+        tx.update({"a": jnp.ones(3), "b": jnp.ones(3), "c": jnp.ones(3)}, state)
+    with pytest.raises(ValueError, match="float32\\[3\\] of shape \\(3,\\)"):
+        tx.update({"a": jnp.ones(3)}, state)
+
+
+def test_a_larger_group_than_the_rows_is_rejected_for_a_stateless_inner():
+    # sgd keeps no per-leaf state to compare with; the rows tuple still bounds the groups.
+    tx = gradtx.grouped(gradtx.sgd(0.1))
+    state = tx.init({"a": jnp.ones(3), "b": jnp.ones(3)})
+    with pytest.raises(ValueError, match="group of 3 leaves"):
         tx.update({"a": jnp.ones(3), "b": jnp.ones(3), "c": jnp.ones(3)}, state)
 
 
 def test_rejects_negative_max_group_size():
     with pytest.raises(ValueError, match="max_group_size"):
         gradtx.grouped(gradtx.adam(), max_group_size=-1)
+
+
+def test_rejects_max_group_leaves_below_one():
+    with pytest.raises(ValueError, match="max_group_leaves must be >= 1, got 0"):
+        gradtx.grouped(gradtx.adam(), max_group_leaves=0)
