@@ -83,6 +83,18 @@ def test_grouped_gives_the_per_leaf_results(name, max_group_leaves):
     _assert_trees_equal(grouped, per_leaf, ulp=2)
 
 
+def test_a_constraint_chained_after_the_grouped_optimizer_sees_each_leaf():
+    # The documented way to combine grouped with per-leaf rules: max_norm outside grouped.
+    def kernels_only(tx):
+        return gradtx.masked(tx, lambda path, leaf: jnp.ndim(leaf) == 2)
+
+    per_leaf, _ = _train(gradtx.chain(gradtx.adam(0.5), kernels_only(gradtx.max_norm(1.0))))
+    grouped, _ = _train(gradtx.chain(gradtx.grouped(gradtx.adam(0.5)), kernels_only(gradtx.max_norm(1.0))))
+    _assert_trees_equal(grouped, per_leaf, ulp=2)
+    # The constraint binds: the columns of "a" and "b" end on the unit ball, not below it.
+    assert np.max(np.linalg.norm(np.asarray(grouped["b"]), axis=0)) > 0.99
+
+
 def test_grouped_without_jit_matches_too():
     tx, gx = gradtx.adam(0.01), gradtx.grouped(gradtx.adam(0.01))
     params, grads = _params(), _grads(1, _params())
