@@ -248,9 +248,9 @@ def sweep(
 
     ``group_size`` trains the configurations that many at a time (vmapped), the groups one after
     another inside the same compiled program (padded to a multiple, the padding dropped). One wide
-    vmap (the default, ``None``) suits a GPU or TPU; on a CPU, XLA's batched matmuls are slower per
-    configuration than single ones, and groups of 2 trained a 64-rate sweep 1.4-1.5x faster (see
-    ``experiments/sweeps/results.md``). The results are the same to float rounding.
+    vmap (the default, ``None``) suits a GPU or TPU. On a CPU it depends on the machine: groups of 2
+    trained a 64-rate sweep 1.4x faster on a loaded Intel Xeon and 0.9x as fast on a quiet AMD EPYC
+    (``experiments/sweeps/``). The results are the same to float rounding.
     """
     member, table = _member("sweep", make_tx, configs, params, _config_sharding(mesh), group_size)
     (result,) = _run(
