@@ -31,12 +31,17 @@ Data = Any  # a pytree of arrays indexed by step along axis 0, or a function (st
 
 class EarlyStopping(NamedTuple):
     """Stop a run (freeze its params and optimizer state) when ``metric`` has not improved by more
-    than ``min_delta`` for ``patience`` evaluations. Under a sweep each configuration stops on its own."""
+    than ``min_delta`` for ``patience`` evaluations. Under a sweep each configuration stops on its own.
+
+    ``restore_best_weights`` (Keras's option of the same name): the result's params are those of the
+    evaluation with the best metric, whether or not the run stopped; the optimizer state is the last
+    one, as in Keras. It costs one more copy of the params (per configuration) on the device."""
 
     metric: str
     patience: int = 5
     min_delta: float = 0.0
     mode: str = "min"
+    restore_best_weights: bool = False
 
 
 class History(NamedTuple):
@@ -57,6 +62,7 @@ class _Stop(NamedTuple):  # early-stopping state of one run
     wait: jax.Array
     stopped: jax.Array
     steps_trained: jax.Array
+    best_params: Params  # the params at the best evaluation, or () without restore_best_weights
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ class _Program:
         stop = stop._replace(steps_trained=stop.steps_trained + jnp.where(frozen, 0, 1))
         return _where(frozen, new_params, params), _where(frozen, new_state, state), stop, loss
 
-    def _observe(self, stop: _Stop, metrics: dict[str, jax.Array]) -> _Stop:
+    def _observe(self, stop: _Stop, metrics: dict[str, jax.Array], params: Params) -> _Stop:
         rule = self.early_stopping
         if rule is None:
             return stop
@@ -213,6 +219,9 @@ class _Program:
             wait=wait,
             stopped=stop.stopped | (wait >= rule.patience),
             steps_trained=stop.steps_trained,
+            best_params=jax.tree.map(lambda new, old: jnp.where(improved, new, old), params, stop.best_params)
+            if rule.restore_best_weights
+            else stop.best_params,
         )
 
     # --- the program ------------------------------------------------------------------------------------
@@ -229,11 +238,13 @@ class _Program:
             state = jax.jit(init)(m.configs, m.params)
             k = len(next(iter(m.configs.values()))) if batched else None
             shape = (k,) if batched else ()
+            restore = self.early_stopping is not None and self.early_stopping.restore_best_weights
             stop = _Stop(
                 jnp.full(shape, jnp.inf, jnp.float32),
                 jnp.zeros(shape, jnp.int32),
                 jnp.zeros(shape, bool),
                 jnp.zeros(shape, jnp.int32),
+                m.params if restore else (),  # copied below with the rest of the carry
             )
             metrics = {}
             if self.eval_fn is not None:
@@ -319,7 +330,7 @@ class _Program:
                 batched = m.configs is not None
                 metrics = _maybe_vmap(lambda p: _as_metrics(self.eval_fn(p)), batched, (0,))(params)
                 metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-                stop = _maybe_vmap(self._observe, batched, (0, 0))(stop, metrics)
+                stop = _maybe_vmap(self._observe, batched, (0, 0, 0))(stop, metrics, params)
                 new.append((params, state, stop, metrics))
                 evaluated.append(metrics)
             return tuple(new), (losses, tuple(evaluated))
@@ -370,6 +381,8 @@ class _Program:
                 metrics = {k: v.T for k, v in metrics.items()}
             n_evals = self.steps // self.period if self.period else 0
             eval_step = self.period * jnp.arange(1, n_evals + 1) if self.period else jnp.zeros([0], jnp.int32)
+            if self.early_stopping is not None and self.early_stopping.restore_best_weights:
+                params = stop.best_params
             results.append(TrainResult(params, state, History(loss, metrics, eval_step, stop.steps_trained)))
         return results
 

@@ -128,6 +128,69 @@ def test_early_stopping_freezes_the_run():
     )
 
 
+def _overshoot(learning_rate, steps, every):
+    """A run whose metric is best in the middle: SGD pulls w from 0 towards 10 while the metric is
+    (w - 3)^2. Float64 re-derivation: w_t = 10 (1 - (1 - 2 lr)^t); returns the metric at each
+    evaluation and w at each evaluation."""
+    t = every * np.arange(1, steps // every + 1)
+    w = 10.0 * (1.0 - (1.0 - 2.0 * learning_rate) ** t)
+    return (w - 3.0) ** 2, w
+
+
+def _overshoot_fit(tx_or_sweep, rule, steps=60, every=5, **kwargs):
+    loss = lambda p, batch: jnp.sum((p["w"] - 10.0) ** 2)  # noqa: E731
+    metric = lambda p: {"miss": jnp.sum((p["w"] - 3.0) ** 2)}  # noqa: E731
+    data = jnp.zeros((steps, 1))
+    common = dict(eval_fn=metric, eval_every=every, early_stopping=rule)
+    if callable(tx_or_sweep):
+        return gradtx.sweep(
+            tx_or_sweep,
+            kwargs["configs"],
+            loss,
+            {"w": jnp.zeros(())},
+            data,
+            steps,
+            group_size=kwargs["group_size"],
+            **common,
+        )
+    return gradtx.fit(loss, {"w": jnp.zeros(())}, tx_or_sweep, data, steps, **common)
+
+
+@pytest.mark.parametrize("patience", [2, 100])  # stops after the best / never stops
+def test_restore_best_weights_returns_the_params_of_the_best_evaluation(patience):
+    lr = 0.02
+    metric, w = _overshoot(lr, 60, 5)
+    best = int(np.argmin(metric))
+    assert 0 < best < len(metric) - 3  # the best is in the middle: the test has teeth
+    rule = gradtx.EarlyStopping("miss", patience=patience, restore_best_weights=True)
+    result = _overshoot_fit(gradtx.sgd(lr), rule)
+    np.testing.assert_allclose(float(result.params["w"]), w[best], rtol=1e-5)
+    stopped_at = 5 * (best + 1 + patience) if patience == 2 else 60
+    assert int(result.history.steps_trained) == stopped_at
+    # The optimizer state is the last one (Keras restores the weights only).
+    assert int(gradtx.step_count(result.opt_state)) == stopped_at
+    # Without the option, the params are where the run stopped.
+    plain = _overshoot_fit(gradtx.sgd(lr), rule._replace(restore_best_weights=False))
+    np.testing.assert_allclose(
+        float(plain.params["w"]), 10.0 * (1.0 - (1.0 - 2 * lr) ** stopped_at), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("group_size", [None, 2])  # 2: groups in sequence, the third one padded
+def test_restore_best_weights_per_configuration_of_a_sweep(group_size):
+    rates = [0.01, 0.02, 0.04]
+    rule = gradtx.EarlyStopping("miss", patience=3, restore_best_weights=True)
+    result = _overshoot_fit(
+        lambda learning_rate: gradtx.sgd(learning_rate),
+        rule,
+        configs={"learning_rate": rates},
+        group_size=group_size,
+    )
+    expected = [w[np.argmin(metric)] for metric, w in (_overshoot(lr, 60, 5) for lr in rates)]
+    assert len(set(np.round(expected, 6))) == 3  # each configuration has its own best evaluation
+    np.testing.assert_allclose(np.asarray(result.params["w"]), expected, rtol=1e-5)
+
+
 def test_shuffled_batches_visit_every_example_once_per_epoch():
     data = (jnp.arange(10.0), jnp.arange(10))
     source = gradtx.shuffled_batches(data, 3)  # 3 batches per epoch, one example left out
