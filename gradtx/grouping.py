@@ -29,8 +29,9 @@ Numerics. The optimizers' rules are elementwise, so each element sees the float3
 per-leaf mode; the results are the same bits except where XLA compiles a leaf's kernel differently
 from the stacked one (seen: a scalar leaf under Nadam, 1 ulp). A transformation that looks at a
 whole leaf (``max_norm``, ``unit_norm``, ``min_max_norm``, per-leaf ``magnitude_pruning``) would
-see a group as one leaf: chain it after the grouped optimizer, ``chain(grouped(adam(lr)),
-max_norm())``, not inside ``grouped``.
+see a group as one leaf, and routing by path or leaf (``masked``, ``partition``) would see the group
+names, not the params' paths: put them around the grouped optimizer, ``chain(grouped(adam(lr)),
+masked(max_norm(), weights_only))``, not inside ``grouped``.
 
 Cost at run time. Stacking copies the gradients (and, for transformations that read them, the
 params) once per step, and the per-leaf slices still run one kernel per leaf: on 2,048 small leaves
