@@ -81,13 +81,20 @@ def _as_metrics(value: Any) -> dict[str, jax.Array]:
     return dict(value) if isinstance(value, Mapping) else {"eval": value}
 
 
-def _batch_source(data: Data) -> Callable[[jax.Array, int, jax.Array], Callable[[jax.Array], Any]]:
-    """``prepare(first_step, num_steps, key) -> batch_at(step)``: called once per compiled chunk, outside
-    the scan, so that per-epoch work (a shuffle) is not repeated at every step."""
+Prepare = Callable[[jax.Array, int, jax.Array, Any], Callable[[jax.Array], Any]]
+
+
+def _batch_source(data: Data) -> tuple[Prepare, Any]:
+    """``(prepare, arrays)``: ``prepare(first_step, num_steps, key, arrays) -> batch_at(step)`` is called
+    once per compiled chunk, outside the scan, so that per-epoch work (a shuffle) is not repeated at
+    every step. ``arrays`` (the data's arrays) are an argument of the compiled chunk, not constants
+    closed over: embedded in the program, a large data set made compilation slower with its size."""
     if isinstance(data, ShuffledBatches):
-        return data.prepare
+        return data.prepare, data.data
     if callable(data):
-        return lambda first_step, num_steps, key: lambda step: data(step, jax.random.fold_in(key, step))
+        return (
+            lambda first_step, num_steps, key, arrays: lambda step: data(step, jax.random.fold_in(key, step))
+        ), ()
     leaves = jax.tree.leaves(data)
     if not leaves:
         raise ValueError("data: the batch tree is empty")
@@ -99,7 +106,9 @@ def _batch_source(data: Data) -> Callable[[jax.Array, int, jax.Array], Callable[
         )
     (n,) = lengths
     # Step i uses batch i % n, so pre-batched data of one epoch can be trained on for several epochs.
-    return lambda first_step, num_steps, key: lambda step: jax.tree.map(lambda x: x[step % n], data)
+    return (
+        lambda first_step, num_steps, key, arrays: lambda step: jax.tree.map(lambda x: x[step % n], arrays)
+    ), data
 
 
 class ShuffledBatches:
@@ -125,7 +134,12 @@ class ShuffledBatches:
     def order(self, key: jax.Array, epoch: jax.Array) -> jax.Array:
         return jax.random.permutation(jax.random.fold_in(key, epoch), self.n)
 
-    def prepare(self, first_step: jax.Array, num_steps: int, key: jax.Array) -> Callable[[jax.Array], Any]:
+    def prepare(
+        self, first_step: jax.Array, num_steps: int, key: jax.Array, data: Any = None
+    ) -> Callable[[jax.Array], Any]:
+        """``batch_at(step)`` for the steps ``first_step ..`` of one chunk; ``data`` (default: this
+        source's arrays) lets a compiled caller pass the arrays in as an argument."""
+        data = self.data if data is None else data
         first_epoch = first_step // self.per_epoch
         epochs = first_epoch + jnp.arange(num_steps // self.per_epoch + 2)  # covers the chunk's steps
         orders = jax.vmap(lambda e: self.order(key, e))(epochs)
@@ -135,7 +149,7 @@ class ShuffledBatches:
             index = jax.lax.dynamic_slice_in_dim(
                 order, (step % self.per_epoch) * self.batch_size, self.batch_size
             )
-            return jax.tree.map(lambda x: x[index], self.data)
+            return jax.tree.map(lambda x: x[index], data)
 
         return batch_at
 
@@ -178,7 +192,7 @@ class _Program:
         if early_stopping is not None and early_stopping.mode not in ("min", "max"):
             raise ValueError(f"early_stopping: mode must be 'min' or 'max', got {early_stopping.mode!r}")
         self.loss_fn, self.members, self.steps = loss_fn, list(members), steps
-        self.prepare_batches = _batch_source(data)
+        self.prepare_batches, self.data_arrays = _batch_source(data)
         self.eval_fn, self.plateau_metric, self.early_stopping = eval_fn, plateau_metric, early_stopping
         self.period = eval_every if eval_fn is not None else None
 
@@ -259,13 +273,15 @@ class _Program:
             carry.append(member_carry)
         return tuple(carry)
 
-    def run_periods(self, carry: tuple, key: jax.Array, first_step: jax.Array, num_steps: int, period: int):
+    def run_periods(
+        self, carry: tuple, key: jax.Array, first_step: jax.Array, num_steps: int, period: int, arrays: Any
+    ):
         """Runs ``num_steps`` steps from ``first_step`` in periods of ``period`` steps (traced).
 
         Members without a ``group_size`` step together in one scan over the steps. A member with one
         runs its configurations ``group_size`` at a time: a `lax.map` over the groups, each group a
         vmapped scan over all the steps (on a CPU, small groups beat one wide vmap)."""
-        batch_at = self.prepare_batches(first_step, num_steps, key)
+        batch_at = self.prepare_batches(first_step, num_steps, key, arrays)
         together = [i for i, m in enumerate(self.members) if m.group_size is None]
         new_carry, losses, evaluated = list(carry), [None] * len(carry), [None] * len(carry)
         if together:
@@ -347,7 +363,7 @@ class _Program:
         def chunk_fn(n_periods):
             if n_periods not in compiled:
                 compiled[n_periods] = jax.jit(
-                    lambda c, k, s: self.run_periods(c, k, s, n_periods * period, period),
+                    lambda c, k, s, d: self.run_periods(c, k, s, n_periods * period, period, d),
                     donate_argnums=0,
                 )
             return compiled[n_periods]
@@ -357,7 +373,7 @@ class _Program:
         bar = _progress_bar(self.steps) if progress else None
         while done < periods:
             n = min(per_chunk, periods - done)
-            carry, out = chunk_fn(n)(carry, key, jnp.asarray(done * period, jnp.int32))
+            carry, out = chunk_fn(n)(carry, key, jnp.asarray(done * period, jnp.int32), self.data_arrays)
             outputs.append(out)
             done += n
             if bar is not None:
@@ -428,7 +444,9 @@ def fit(
 
     ``data`` is a pytree of arrays indexed by step along axis 0 (step ``i`` uses entry ``i % n``) or a
     function ``(step, key) -> batch`` (see `shuffled_batches`); ``key`` (default ``PRNGKey(0)``) is folded
-    with the step for it. ``eval_fn(params)`` (a scalar or a dict of scalars, e.g. the validation loss)
+    with the step for it. Arrays and `shuffled_batches` enter the compiled program as arguments; arrays
+    a function closes over become constants of the program, which slows compilation for large data.
+    ``eval_fn(params)`` (a scalar or a dict of scalars, e.g. the validation loss)
     runs after every ``eval_every`` steps; ``plateau_metric`` names the metric passed as ``value=`` to a
     `reduce_on_plateau` in ``tx``; ``early_stopping`` freezes the run when its metric stops improving.
     ``chunks > 1`` (with ``progress=True``, a tqdm bar when tqdm is installed) reports between chunks.

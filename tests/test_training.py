@@ -191,6 +191,25 @@ def test_restore_best_weights_per_configuration_of_a_sweep(group_size):
     np.testing.assert_allclose(np.asarray(result.params["w"]), expected, rtol=1e-5)
 
 
+def test_data_arrays_reach_the_batches_through_the_argument():
+    # The compiled chunk takes the data as an argument (a closed-over array would be compiled in as a
+    # constant): the batches must come from the arrays passed, not from the ones first given.
+    from gradtx.training import _batch_source
+
+    key = jax.random.PRNGKey(1)
+    for data in [(X, Y), gradtx.shuffled_batches((X[:, 0], Y[:, 0]), 4)]:
+        prepare, arrays = _batch_source(data)
+        assert (
+            jax.tree.leaves(arrays)[0] is jax.tree.leaves(data if isinstance(data, tuple) else data.data)[0]
+        )
+        shifted = jax.tree.map(lambda a: a + 1, arrays)
+        step = jnp.int32(3)
+        np.testing.assert_array_equal(
+            prepare(jnp.int32(0), 8, key, shifted)(step)[0],
+            prepare(jnp.int32(0), 8, key, arrays)(step)[0] + 1,
+        )
+
+
 def test_shuffled_batches_visit_every_example_once_per_epoch():
     data = (jnp.arange(10.0), jnp.arange(10))
     source = gradtx.shuffled_batches(data, 3)  # 3 batches per epoch, one example left out
