@@ -65,6 +65,13 @@ def _as_configs(owner: str, configs: Configs) -> dict[str, np.ndarray]:
     lengths = {len(v) if v.ndim else -1 for v in table.values()}
     if not table or lengths == {0}:
         raise ValueError(f"{owner}: the sweep is empty: give at least one configuration")
+    for name, v in table.items():
+        if v.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{owner}: configuration field {name!r} must hold numbers, got {v.tolist()!r}; options "
+                "that change the program (dtypes, names) cannot be vmapped: give each its own family "
+                "in gradtx.compare"
+            )
     if len(lengths) != 1 or -1 in lengths:
         raise ValueError(
             f"{owner}: every field needs one value per configuration, got lengths "
@@ -92,6 +99,38 @@ def _check_factory(
             )
     for i in range(len(next(iter(configs.values())))):
         make_tx(**{k: configs[k][i].item() for k in fields})  # concrete values: validated at construction
+
+
+def _check_vmappable(
+    owner: str, make_tx: Callable[..., Transformation], arrays: dict, params: Params
+) -> None:
+    """Traces one vmapped init + update (shapes only, nothing runs) so that a field the factory uses as
+    a Python value (a bool flag such as ``amsgrad``, a count) fails here, named, not deep in the
+    compilation of the whole program."""
+    fields = {k: v for k, v in arrays.items() if k != "seed"}
+    single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), params)
+    first = {k: v[0].item() for k, v in fields.items()}
+
+    def traces(swept: dict) -> bool:
+        def one(config, p):
+            tx = make_tx(**{**first, **config})
+            return tx.update(p, tx.init(p), p)
+
+        try:
+            jax.eval_shape(jax.vmap(one, in_axes=(0, None)), swept, single)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
+            return False
+        except Exception:  # anything else (e.g. an update that needs value=) shows in the run itself
+            return True
+        return True
+
+    if not traces(fields):
+        culprits = [k for k in fields if not traces({k: fields[k]})] or sorted(fields)
+        raise ValueError(
+            f"{owner}: the optimizer factory uses configuration field(s) {culprits} as Python values (a "
+            "bool flag, a count), which one vmapped program cannot vary; sweep numeric hyperparameters "
+            "and give each structural option its own family in gradtx.compare"
+        )
 
 
 def _stacked_params(params: ParamsOrInit, configs: dict[str, np.ndarray]) -> Params:
@@ -142,6 +181,7 @@ def _member(
     extra = -k % multiple
     padded = {name: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for name, v in table.items()}
     arrays, params = {k: jnp.asarray(v) for k, v in padded.items()}, _stacked_params(params, padded)
+    _check_vmappable(owner, build, arrays, params)
     if sharding is not None:
         arrays, params = jax.device_put((arrays, params), sharding)
     group = None if group_size is None or group_size >= k else int(group_size)

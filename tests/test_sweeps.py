@@ -237,6 +237,30 @@ def test_bad_sweeps_fail_before_compiling(configs, message):
         gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS)
 
 
+@pytest.mark.parametrize(
+    "make, configs, message",
+    [
+        (
+            gradtx.adam,
+            {"learning_rate": [0.1, 0.2], "amsgrad": [False, True]},
+            "field\\(s\\) \\['amsgrad'\\] as Python",
+        ),
+        (
+            gradtx.sgd,
+            {"momentum": [0.5, 0.9], "nesterov": [False, True]},
+            "field\\(s\\) \\['nesterov'\\] as Python",
+        ),
+        (gradtx.adam, {"mu_dtype": [jnp.bfloat16, jnp.float32]}, "field 'mu_dtype' must hold numbers"),
+    ],
+)
+def test_structural_options_are_named_before_compiling(make, configs, message):
+    # A bool flag changes the program, so one vmapped program cannot vary it: the error names the
+    # field (not a tracer error from deep inside the compilation) and points to compare.
+    with pytest.raises(ValueError, match=message) as raised:
+        gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS)
+    assert "gradtx.compare" in str(raised.value)
+
+
 def test_compare_needs_a_family():
     with pytest.raises(ValueError, match="at least one optimizer family"):
         gradtx.compare({}, loss_fn, PARAMS, (X, Y), STEPS)
