@@ -185,7 +185,7 @@ def _member(
     if sharding is not None:
         arrays, params = jax.device_put((arrays, params), sharding)
     group = None if group_size is None or group_size >= k else int(group_size)
-    return Member(build, arrays, params, sharding, group), table
+    return Member(build, arrays, params, sharding, group, identity=make_tx), table
 
 
 def _sweep_result(configs: dict[str, np.ndarray], result: TrainResult) -> SweepResult:
@@ -289,8 +289,11 @@ def sweep(
     ``group_size`` trains the configurations that many at a time (vmapped), the groups one after
     another inside the same compiled program (padded to a multiple, the padding dropped). One wide
     vmap (the default, ``None``) suits a GPU or TPU. On a CPU it depends on the machine: groups of 2
-    trained a 64-rate sweep 1.4x faster on a loaded Intel Xeon and 0.9x as fast on a quiet AMD EPYC
+    trained a 64-rate sweep 1.4x faster on a loaded Intel Xeon and 0.9-1.1x as fast on an AMD EPYC
     (``experiments/sweeps/``). The results are the same to float rounding.
+
+    As in `gradtx.fit`, the compiled program is kept: calling again with the same ``make_tx`` object,
+    ``loss_fn`` and options (other values of the same fields, other params or data) does not compile.
     """
     member, table = _member("sweep", make_tx, configs, params, _config_sharding(mesh), group_size)
     (result,) = _run(
@@ -342,7 +345,7 @@ def compare(
     for name, family in families.items():
         if isinstance(family, Transformation):
             p = params(jax.random.PRNGKey(0)) if callable(params) else params
-            members.append(Member(lambda family=family: family, None, p))
+            members.append(Member(lambda family=family: family, None, p, identity=family))
             tables.append(None)
         else:
             make_tx, configs = family

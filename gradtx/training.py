@@ -12,10 +12,13 @@ between chunks, never with a host round-trip per step.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -75,6 +78,9 @@ class Member:
     params: Params  # stacked along axis 0 when configs is given
     sharding: jax.sharding.Sharding | None = None  # of the configuration axis, when split over devices
     group_size: int | None = None  # configurations vmapped together; groups run one after another
+    # What make_tx stands for across calls (the user's transformation or factory): a key of the cache
+    # of compiled programs. None: the program is compiled for this call only.
+    identity: Any = None
 
 
 def _as_metrics(value: Any) -> dict[str, jax.Array]:
@@ -84,17 +90,16 @@ def _as_metrics(value: Any) -> dict[str, jax.Array]:
 Prepare = Callable[[jax.Array, int, jax.Array, Any], Callable[[jax.Array], Any]]
 
 
-def _batch_source(data: Data) -> tuple[Prepare, Any]:
-    """``(prepare, arrays)``: ``prepare(first_step, num_steps, key, arrays) -> batch_at(step)`` is called
-    once per compiled chunk, outside the scan, so that per-epoch work (a shuffle) is not repeated at
-    every step. ``arrays`` (the data's arrays) are an argument of the compiled chunk, not constants
-    closed over: embedded in the program, a large data set made compilation slower with its size."""
+def _batch_source(data: Data) -> tuple[Prepare, Any, tuple]:
+    """``(prepare, arrays, kind)``: ``prepare(first_step, num_steps, key, arrays) -> batch_at(step)`` is
+    called once per compiled chunk, outside the scan, so that per-epoch work (a shuffle) is not repeated
+    at every step. ``arrays`` (the data's arrays) are an argument of the compiled chunk, not constants
+    closed over: embedded in the program, a large data set made compilation slower with its size.
+    ``kind`` says what ``prepare`` depends on besides the arrays (a key of the program cache)."""
     if isinstance(data, ShuffledBatches):
-        return data.prepare, data.data
+        return partial(_shuffled_prepare, data.batch_size), data.data, ("shuffled", data.batch_size)
     if callable(data):
-        return (
-            lambda first_step, num_steps, key, arrays: lambda step: data(step, jax.random.fold_in(key, step))
-        ), ()
+        return partial(_function_prepare, data), (), ("function", data)
     leaves = jax.tree.leaves(data)
     if not leaves:
         raise ValueError("data: the batch tree is empty")
@@ -104,11 +109,32 @@ def _batch_source(data: Data) -> tuple[Prepare, Any]:
         raise ValueError(
             f"data: every array must have the same number of batches along axis 0, got shapes {shapes}"
         )
-    (n,) = lengths
+    return _indexed_prepare, data, ("arrays",)
+
+
+def _function_prepare(fn, first_step, num_steps, key, arrays):
+    return lambda step: fn(step, jax.random.fold_in(key, step))
+
+
+def _indexed_prepare(first_step, num_steps, key, arrays):
     # Step i uses batch i % n, so pre-batched data of one epoch can be trained on for several epochs.
-    return (
-        lambda first_step, num_steps, key, arrays: lambda step: jax.tree.map(lambda x: x[step % n], arrays)
-    ), data
+    n = jax.tree.leaves(arrays)[0].shape[0]
+    return lambda step: jax.tree.map(lambda x: x[step % n], arrays)
+
+
+def _shuffled_prepare(batch_size: int, first_step, num_steps: int, key, data):
+    n = jax.tree.leaves(data)[0].shape[0]
+    per_epoch = n // batch_size
+    first_epoch = first_step // per_epoch
+    epochs = first_epoch + jnp.arange(num_steps // per_epoch + 2)  # covers the chunk's steps
+    orders = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(epochs)
+
+    def batch_at(step):
+        order = orders[step // per_epoch - first_epoch]
+        index = jax.lax.dynamic_slice_in_dim(order, (step % per_epoch) * batch_size, batch_size)
+        return jax.tree.map(lambda x: x[index], data)
+
+    return batch_at
 
 
 class ShuffledBatches:
@@ -131,27 +157,14 @@ class ShuffledBatches:
             raise ValueError(f"shuffled_batches: batch_size must be in [1, {self.n}], got {batch_size}")
         self.data, self.batch_size, self.per_epoch = data, batch_size, self.n // batch_size
 
-    def order(self, key: jax.Array, epoch: jax.Array) -> jax.Array:
-        return jax.random.permutation(jax.random.fold_in(key, epoch), self.n)
-
     def prepare(
         self, first_step: jax.Array, num_steps: int, key: jax.Array, data: Any = None
     ) -> Callable[[jax.Array], Any]:
         """``batch_at(step)`` for the steps ``first_step ..`` of one chunk; ``data`` (default: this
         source's arrays) lets a compiled caller pass the arrays in as an argument."""
-        data = self.data if data is None else data
-        first_epoch = first_step // self.per_epoch
-        epochs = first_epoch + jnp.arange(num_steps // self.per_epoch + 2)  # covers the chunk's steps
-        orders = jax.vmap(lambda e: self.order(key, e))(epochs)
-
-        def batch_at(step):
-            order = orders[step // self.per_epoch - first_epoch]
-            index = jax.lax.dynamic_slice_in_dim(
-                order, (step % self.per_epoch) * self.batch_size, self.batch_size
-            )
-            return jax.tree.map(lambda x: x[index], data)
-
-        return batch_at
+        return _shuffled_prepare(
+            self.batch_size, first_step, num_steps, key, self.data if data is None else data
+        )
 
 
 def shuffled_batches(data: Any, batch_size: int) -> ShuffledBatches:
@@ -165,6 +178,12 @@ def _maybe_vmap(fn: Callable, batched: bool, in_axes: tuple) -> Callable:
 
 def _where(flag: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(flag, b, a) if a is not None else a, new, old)
+
+
+# Compiled training chunks of recent calls, by `_Program._cache_key`: a loop of `fit` calls with the
+# same functions (seeds, data) compiles once. Least recently used first.
+_COMPILED: OrderedDict[tuple, Callable] = OrderedDict()
+_CACHE_SIZE = 16
 
 
 class _Program:
@@ -192,7 +211,7 @@ class _Program:
         if early_stopping is not None and early_stopping.mode not in ("min", "max"):
             raise ValueError(f"early_stopping: mode must be 'min' or 'max', got {early_stopping.mode!r}")
         self.loss_fn, self.members, self.steps = loss_fn, list(members), steps
-        self.prepare_batches, self.data_arrays = _batch_source(data)
+        self.prepare_batches, self.data_arrays, self.data_kind = _batch_source(data)
         self.eval_fn, self.plateau_metric, self.early_stopping = eval_fn, plateau_metric, early_stopping
         self.period = eval_every if eval_fn is not None else None
 
@@ -274,13 +293,23 @@ class _Program:
         return tuple(carry)
 
     def run_periods(
-        self, carry: tuple, key: jax.Array, first_step: jax.Array, num_steps: int, period: int, arrays: Any
+        self,
+        num_steps: int,
+        period: int,
+        carry: tuple,
+        key: jax.Array,
+        first_step: jax.Array,
+        arrays: Any,
+        configs: tuple,
     ):
         """Runs ``num_steps`` steps from ``first_step`` in periods of ``period`` steps (traced).
 
         Members without a ``group_size`` step together in one scan over the steps. A member with one
         runs its configurations ``group_size`` at a time: a `lax.map` over the groups, each group a
         vmapped scan over all the steps (on a CPU, small groups beat one wide vmap)."""
+        # The configurations come in as an argument, like the data: a cached program keeps neither.
+        self = copy.copy(self)
+        self.members = [replace(m, configs=c) for m, c in zip(self.members, configs, strict=True)]
         batch_at = self.prepare_batches(first_step, num_steps, key, arrays)
         together = [i for i, m in enumerate(self.members) if m.group_size is None]
         new_carry, losses, evaluated = list(carry), [None] * len(carry), [None] * len(carry)
@@ -359,13 +388,11 @@ class _Program:
         periods = self.steps // period
         per_chunk = -(-periods // max(1, min(chunks, periods)))
         compiled = {}
+        configs = tuple(m.configs for m in self.members)
 
         def chunk_fn(n_periods):
             if n_periods not in compiled:
-                compiled[n_periods] = jax.jit(
-                    lambda c, k, s, d: self.run_periods(c, k, s, n_periods * period, period, d),
-                    donate_argnums=0,
-                )
+                compiled[n_periods] = self._compiled_chunk(n_periods * period, period)
             return compiled[n_periods]
 
         carry = self.initial_carry()
@@ -373,13 +400,51 @@ class _Program:
         bar = _progress_bar(self.steps) if progress else None
         while done < periods:
             n = min(per_chunk, periods - done)
-            carry, out = chunk_fn(n)(carry, key, jnp.asarray(done * period, jnp.int32), self.data_arrays)
+            carry, out = chunk_fn(n)(
+                carry, key, jnp.asarray(done * period, jnp.int32), self.data_arrays, configs
+            )
             outputs.append(out)
             done += n
             if bar is not None:
                 jax.block_until_ready(carry)
                 bar(done * period, time.perf_counter() - started, out)
         return self._results(carry, outputs)
+
+    def _cache_key(self, num_steps: int, period: int) -> tuple | None:
+        """What the compiled chunk depends on besides its arguments' shapes, or None when a member has
+        no identity (or a part is unhashable): the program is then compiled for this call only."""
+        members = tuple(
+            (m.identity, None if m.configs is None else tuple(m.configs), m.group_size) for m in self.members
+        )
+        key = (
+            self.loss_fn, self.eval_fn, self.plateau_metric, self.early_stopping, self.data_kind,
+            members, num_steps, period,
+        )  # fmt: skip
+        if any(m.identity is None for m in self.members):
+            return None
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def _compiled_chunk(self, num_steps: int, period: int) -> Callable:
+        """The jitted, donated chunk ``(carry, key, first_step, arrays, configs) -> (carry, outputs)``,
+        shared by later calls with the same functions (as `jax.jit` shares its compilations); the cached
+        program holds none of this call's arrays."""
+        key = self._cache_key(num_steps, period)
+        if key is not None and key in _COMPILED:
+            _COMPILED.move_to_end(key)
+            return _COMPILED[key]
+        spec = copy.copy(self)
+        spec.data_arrays = None
+        spec.members = [replace(m, params=None, configs=None, sharding=None) for m in self.members]
+        fn = jax.jit(partial(_Program.run_periods, spec, num_steps, period), donate_argnums=0)
+        if key is not None:
+            _COMPILED[key] = fn
+            if len(_COMPILED) > _CACHE_SIZE:
+                _COMPILED.popitem(last=False)
+        return fn
 
     def _results(self, carry, outputs) -> list[TrainResult]:
         results = []
@@ -453,10 +518,15 @@ def fit(
 
     Params can be any pytree, e.g. the ``nnx.State`` of ``nnx.split(model)``. The caller's arrays are not
     donated; the program's own carry is. Returns the final params, optimizer state and the `History`.
+
+    The compiled program is kept (the 16 most recent): a later call with the same ``loss_fn``, ``tx``,
+    ``eval_fn`` and options and inputs of the same shapes (other params, other data, another key)
+    does not compile again. As with `jax.jit`, what those functions read from Python globals is
+    fixed when they are first traced.
     """
     program = _Program(
         loss_fn,
-        [Member(lambda: tx, None, params)],
+        [Member(lambda: tx, None, params, identity=tx)],
         data,
         steps,
         eval_fn,

@@ -261,6 +261,17 @@ def test_structural_options_are_named_before_compiling(make, configs, message):
     assert "gradtx.compare" in str(raised.value)
 
 
+def test_a_cached_sweep_program_takes_the_new_configurations():
+    # The same factory and loss twice: the second call reuses the compiled program, and its values
+    # (learning rates, seeds) come in as arguments, so each run still equals its own fit.
+    make = lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9)  # noqa: E731
+    gradtx.sweep(make, {"learning_rate": [0.01, 0.02]}, loss_fn, PARAMS, (X, Y), STEPS)
+    result = gradtx.sweep(make, {"learning_rate": [0.05, 0.002]}, loss_fn, PARAMS, (X, Y), STEPS)
+    for i, lr in enumerate([0.05, 0.002]):
+        single = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(lr, momentum=0.9), (X, Y), STEPS)
+        assert_same_run(result, i, single)
+
+
 def test_compare_needs_a_family():
     with pytest.raises(ValueError, match="at least one optimizer family"):
         gradtx.compare({}, loss_fn, PARAMS, (X, Y), STEPS)

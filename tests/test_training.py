@@ -198,7 +198,7 @@ def test_data_arrays_reach_the_batches_through_the_argument():
 
     key = jax.random.PRNGKey(1)
     for data in [(X, Y), gradtx.shuffled_batches((X[:, 0], Y[:, 0]), 4)]:
-        prepare, arrays = _batch_source(data)
+        prepare, arrays, _ = _batch_source(data)
         assert (
             jax.tree.leaves(arrays)[0] is jax.tree.leaves(data if isinstance(data, tuple) else data.data)[0]
         )
@@ -208,6 +208,31 @@ def test_data_arrays_reach_the_batches_through_the_argument():
             prepare(jnp.int32(0), 8, key, shifted)(step)[0],
             prepare(jnp.int32(0), 8, key, arrays)(step)[0] + 1,
         )
+
+
+def test_a_second_fit_with_the_same_functions_reuses_the_compiled_program():
+    traces = []
+
+    def counted_loss(p, batch):
+        traces.append(1)  # runs when jax traces the program, not when it runs
+        return loss_fn(p, batch)
+
+    tx = gradtx.adam(0.01)
+    first = gradtx.fit(counted_loss, PARAMS, tx, (X, Y), STEPS)
+    traced = len(traces)
+    # Other params and other data of the same shapes: no new trace, and the results are those of
+    # the new inputs (nothing of the first call is baked into the cached program).
+    start = jax.tree.map(lambda x: x + 0.5, PARAMS)
+    second = gradtx.fit(counted_loss, start, tx, (X, -Y), STEPS)
+    assert len(traces) == traced
+    fresh = gradtx.fit(loss_fn, start, gradtx.adam(0.01), (X, -Y), STEPS)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), second.params, fresh.params
+    )
+    assert not np.allclose(first.params["w"], second.params["w"])
+    # Another number of steps is another program.
+    gradtx.fit(counted_loss, PARAMS, tx, (X, Y), STEPS // 2)
+    assert len(traces) > traced
 
 
 def test_shuffled_batches_visit_every_example_once_per_epoch():
