@@ -251,7 +251,8 @@ def machine() -> list[str]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     return [
         f"- machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-        f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()}); no GPU was available",
+        f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()})"
+        + ("; no GPU was available" if jax.default_backend() == "cpu" else ""),
         f"- python {platform.python_version()}, jax {jax.__version__}, jaxlib {jax.lib.__version__}, "
         f"optax {optax.__version__}, gradtx {gradtx.__version__}",
         f"- load average at the end of the run: {', '.join(f'{x:.2f}' for x in load)}",
