@@ -141,6 +141,7 @@ class ShuffledBatches:
     """Minibatches of ``data`` (a pytree of arrays with the examples along axis 0), reshuffled every
     epoch from the run's key: step ``i`` is batch ``i % (n // batch_size)`` of epoch ``i // (n //
     batch_size)``. The last ``n % batch_size`` examples of each shuffled epoch are left out.
+    ``per_epoch`` (the number of batches per epoch) is the ``eval_every`` of once-per-epoch evaluation.
 
     Each compiled chunk draws the permutations of the epochs it spans once, before its steps, because
     a permutation per step would cost more than the step itself on small models.
