@@ -235,6 +235,15 @@ def test_a_second_fit_with_the_same_functions_reuses_the_compiled_program():
     assert len(traces) > traced
 
 
+def test_the_program_cache_is_bounded():
+    from gradtx import training
+
+    tx, params, data = gradtx.sgd(0.1), {"w": jnp.ones(2)}, jnp.zeros((4, 1))
+    for steps in range(1, training._CACHE_SIZE + 3):  # each number of steps is its own program
+        gradtx.fit(lambda p, b: jnp.sum(p["w"] ** 2), params, tx, data, steps)
+    assert len(training._COMPILED) == training._CACHE_SIZE
+
+
 def test_shuffled_batches_visit_every_example_once_per_epoch():
     data = (jnp.arange(10.0), jnp.arange(10))
     source = gradtx.shuffled_batches(data, 3)  # 3 batches per epoch, one example left out
