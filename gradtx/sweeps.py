@@ -102,7 +102,7 @@ def _check_factory(
 
 
 def _check_vmappable(
-    owner: str, make_tx: Callable[..., Transformation], arrays: dict, params: Params
+    owner: str, make_tx: Callable[..., Transformation], arrays: dict[str, np.ndarray], params: Params
 ) -> None:
     """Traces one vmapped init + update (shapes only, nothing runs) so that a field the factory uses as
     a Python value (a bool flag such as ``amsgrad``, a count) fails here, named, not deep in the
@@ -181,7 +181,7 @@ def _member(
     extra = -k % multiple
     padded = {name: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for name, v in table.items()}
     arrays, params = {k: jnp.asarray(v) for k, v in padded.items()}, _stacked_params(params, padded)
-    _check_vmappable(owner, build, arrays, params)
+    _check_vmappable(owner, build, padded, params)
     if sharding is not None:
         arrays, params = jax.device_put((arrays, params), sharding)
     group = None if group_size is None or group_size >= k else int(group_size)

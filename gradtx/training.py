@@ -181,10 +181,45 @@ def _where(flag: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(flag, b, a) if a is not None else a, new, old)
 
 
-# Compiled training chunks of recent calls, by `_Program._cache_key`: a loop of `fit` calls with the
-# same functions (seeds, data) compiles once. Least recently used first.
+# Compiled training chunks and optimizer inits of recent calls, by `_Program._cache_key` (and the
+# member's identity for inits): a loop of `fit` calls with the same functions (seeds, data) compiles
+# once. Least recently used first.
 _COMPILED: OrderedDict[tuple, Callable] = OrderedDict()
-_CACHE_SIZE = 16
+_CACHE_SIZE = 32
+
+
+def _cached(key: tuple | None, make: Callable[[], Callable]) -> Callable:
+    """``make()``, kept in `_COMPILED` under ``key`` (None: not kept)."""
+    if key is not None and key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+    fn = make()
+    if key is not None:
+        _COMPILED[key] = fn
+        if len(_COMPILED) > _CACHE_SIZE:
+            _COMPILED.popitem(last=False)
+    return fn
+
+
+def _compiled_init(m: Member) -> Callable:
+    """The jitted ``init`` of a member's optimizer (vmapped over its configurations), kept like the
+    training chunks so that a repeated call compiles nothing."""
+    batched, make_tx = m.configs is not None, m.make_tx
+
+    def make():
+        def init(config, params):
+            return (make_tx(**config) if config is not None else make_tx()).init(params)
+
+        return jax.jit(_maybe_vmap(init, batched, (0, 0)))
+
+    key = (
+        None if m.identity is None else ("init", m.identity, None if m.configs is None else tuple(m.configs))
+    )
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    return _cached(key, make)
 
 
 class _Program:
@@ -264,12 +299,7 @@ class _Program:
         carry = []
         for m in self.members:
             batched = m.configs is not None
-            init = _maybe_vmap(
-                lambda config, p, m=m: (m.make_tx(**config) if config is not None else m.make_tx()).init(p),
-                batched,
-                (0, 0),
-            )
-            state = jax.jit(init)(m.configs, m.params)
+            state = _compiled_init(m)(m.configs, m.params)
             k = len(next(iter(m.configs.values()))) if batched else None
             shape = (k,) if batched else ()
             restore = self.early_stopping is not None and self.early_stopping.restore_best_weights
@@ -433,19 +463,11 @@ class _Program:
         """The jitted, donated chunk ``(carry, key, first_step, arrays, configs) -> (carry, outputs)``,
         shared by later calls with the same functions (as `jax.jit` shares its compilations); the cached
         program holds none of this call's arrays."""
-        key = self._cache_key(num_steps, period)
-        if key is not None and key in _COMPILED:
-            _COMPILED.move_to_end(key)
-            return _COMPILED[key]
         spec = copy.copy(self)
         spec.data_arrays = None
         spec.members = [replace(m, params=None, configs=None, sharding=None) for m in self.members]
-        fn = jax.jit(partial(_Program.run_periods, spec, num_steps, period), donate_argnums=0)
-        if key is not None:
-            _COMPILED[key] = fn
-            if len(_COMPILED) > _CACHE_SIZE:
-                _COMPILED.popitem(last=False)
-        return fn
+        make = lambda: jax.jit(partial(_Program.run_periods, spec, num_steps, period), donate_argnums=0)  # noqa: E731
+        return _cached(self._cache_key(num_steps, period), make)
 
     def _results(self, carry, outputs) -> list[TrainResult]:
         results = []
@@ -520,10 +542,10 @@ def fit(
     Params can be any pytree, e.g. the ``nnx.State`` of ``nnx.split(model)``. The caller's arrays are not
     donated; the program's own carry is. Returns the final params, optimizer state and the `History`.
 
-    The compiled program is kept (the 16 most recent): a later call with the same ``loss_fn``, ``tx``,
-    ``eval_fn`` and options and inputs of the same shapes (other params, other data, another key)
-    does not compile again. As with `jax.jit`, what those functions read from Python globals is
-    fixed when they are first traced.
+    The compiled program is kept (those of the last 16 or so calls): a later call with the same
+    ``loss_fn``, ``tx``, ``eval_fn`` and options and inputs of the same shapes (other params, other
+    data, another key) does not compile again. As with `jax.jit`, what those functions read from
+    Python globals is fixed when they are first traced.
     """
     program = _Program(
         loss_fn,
