@@ -138,12 +138,10 @@ def _stacked_params(params: ParamsOrInit, configs: dict[str, np.ndarray]) -> Par
     k = len(next(iter(configs.values())))
     if callable(params):
         seeds = configs.get("seed", np.zeros(k, np.int64))
-        key = ("params", params)  # kept like the training programs: a repeated sweep compiles nothing
-        try:
-            hash(key)
-        except TypeError:
-            key = None
-        init = _cached(key, lambda: jax.jit(jax.vmap(lambda seed: params(jax.random.PRNGKey(seed)))))
+        # Kept like the training programs: a repeated sweep compiles nothing.
+        init = _cached(
+            ("params", params), lambda: jax.jit(jax.vmap(lambda seed: params(jax.random.PRNGKey(seed))))
+        )
         return init(jnp.asarray(seeds))
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *jnp.shape(x))), params)
 

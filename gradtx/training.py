@@ -189,7 +189,11 @@ _CACHE_SIZE = 32
 
 
 def _cached(key: tuple | None, make: Callable[[], Callable]) -> Callable:
-    """``make()``, kept in `_COMPILED` under ``key`` (None: not kept)."""
+    """``make()``, kept in `_COMPILED` under ``key`` (None, or a key with an unhashable part: not kept)."""
+    try:
+        hash(key)
+    except TypeError:
+        key = None
     if key is not None and key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key]
@@ -215,10 +219,6 @@ def _compiled_init(m: Member) -> Callable:
     key = (
         None if m.identity is None else ("init", m.identity, None if m.configs is None else tuple(m.configs))
     )
-    try:
-        hash(key)
-    except TypeError:
-        key = None
     return _cached(key, make)
 
 
@@ -443,7 +443,7 @@ class _Program:
 
     def _cache_key(self, num_steps: int, period: int) -> tuple | None:
         """What the compiled chunk depends on besides its arguments' shapes, or None when a member has
-        no identity (or a part is unhashable): the program is then compiled for this call only."""
+        no identity: the program is then compiled for this call only."""
         members = tuple(
             (m.identity, None if m.configs is None else tuple(m.configs), m.group_size) for m in self.members
         )
@@ -451,13 +451,7 @@ class _Program:
             self.loss_fn, self.eval_fn, self.plateau_metric, self.early_stopping, self.data_kind,
             members, num_steps, period,
         )  # fmt: skip
-        if any(m.identity is None for m in self.members):
-            return None
-        try:
-            hash(key)
-        except TypeError:
-            return None
-        return key
+        return None if any(m.identity is None for m in self.members) else key
 
     def _compiled_chunk(self, num_steps: int, period: int) -> Callable:
         """The jitted, donated chunk ``(carry, key, first_step, arrays, configs) -> (carry, outputs)``,
