@@ -87,17 +87,18 @@ def _as_metrics(value: Any) -> dict[str, jax.Array]:
     return dict(value) if isinstance(value, Mapping) else {"eval": value}
 
 
-Prepare = Callable[[jax.Array, int, jax.Array, Any], Callable[[jax.Array], Any]]
+Prepare = Callable[[jax.Array, int, jax.Array, Any, Any], Callable[[jax.Array], Any]]
 
 
 def _batch_source(data: Data) -> tuple[Prepare, Any, tuple]:
-    """``(prepare, arrays, kind)``: ``prepare(first_step, num_steps, key, arrays) -> batch_at(step)`` is
-    called once per compiled chunk, outside the scan, so that per-epoch work (a shuffle) is not repeated
+    """``(prepare, arrays, kind)``: ``prepare(first_step, num_steps, key, arrays, seeds) -> batch_at(step)``
+    is called once per compiled chunk, outside the scan, so that per-epoch work (a shuffle) is not repeated
     at every step. ``arrays`` (the data's arrays) are an argument of the compiled chunk, not constants
     closed over: embedded in the program, a large data set made compilation slower with its size.
     ``kind`` says what ``prepare`` depends on besides the arrays (a key of the program cache)."""
     if isinstance(data, ShuffledBatches):
-        return partial(_shuffled_prepare, data.batch_size), data.data, ("shuffled", data.batch_size)
+        kind = ("shuffled", data.batch_size, data.per_seed)
+        return partial(_shuffled_prepare, data.batch_size, data.per_seed), data.data, kind
     if callable(data):
         return partial(_function_prepare, data), (), ("function", data)
     leaves = jax.tree.leaves(data)
@@ -112,29 +113,37 @@ def _batch_source(data: Data) -> tuple[Prepare, Any, tuple]:
     return _indexed_prepare, data, ("arrays",)
 
 
-def _function_prepare(fn, first_step, num_steps, key, arrays):
+def _function_prepare(fn, first_step, num_steps, key, arrays, seeds=None):
     return lambda step: fn(step, jax.random.fold_in(key, step))
 
 
-def _indexed_prepare(first_step, num_steps, key, arrays):
+def _indexed_prepare(first_step, num_steps, key, arrays, seeds=None):
     # Step i uses batch i % n, so pre-batched data of one epoch can be trained on for several epochs.
     n = jax.tree.leaves(arrays)[0].shape[0]
     return lambda step: jax.tree.map(lambda x: x[step % n], arrays)
 
 
-def _shuffled_prepare(batch_size: int, first_step, num_steps: int, key, data):
+def _shuffled_prepare(batch_size: int, per_seed: bool, first_step, num_steps: int, key, data, seeds=None):
+    """With ``per_seed`` and ``seeds`` (a configuration's seeds, shape (k,)), each configuration
+    shuffles with ``fold_in(key, seed)`` and ``batch_at`` returns batches with a leading (k,) axis.
+    The permutations of the chunk's epochs are drawn here, once, not at every step."""
     n = jax.tree.leaves(data)[0].shape[0]
     per_epoch = n // batch_size
     first_epoch = first_step // per_epoch
     epochs = first_epoch + jnp.arange(num_steps // per_epoch + 2)  # covers the chunk's steps
-    orders = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(epochs)
 
-    def batch_at(step):
-        order = orders[step // per_epoch - first_epoch]
+    def orders(key):  # (epochs, n)
+        return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(epochs)
+
+    def batch(order, step):
         index = jax.lax.dynamic_slice_in_dim(order, (step % per_epoch) * batch_size, batch_size)
         return jax.tree.map(lambda x: x[index], data)
 
-    return batch_at
+    if per_seed and seeds is not None:
+        table = jax.vmap(lambda seed: orders(jax.random.fold_in(key, seed)))(seeds)  # (k, epochs, n)
+        return lambda step: jax.vmap(batch, (0, None))(table[:, step // per_epoch - first_epoch], step)
+    table = orders(key)
+    return lambda step: batch(table[step // per_epoch - first_epoch], step)
 
 
 class ShuffledBatches:
@@ -145,9 +154,13 @@ class ShuffledBatches:
 
     Each compiled chunk draws the permutations of the epochs it spans once, before its steps, because
     a permutation per step would cost more than the step itself on small models.
+
+    In a sweep every configuration sees the same batches (one gather serves them all), unless
+    ``per_seed``: then a configuration with a ``seed`` field shuffles with ``fold_in(key, seed)``, as
+    separate runs with their own seeds would (its run equals ``fit(..., key=fold_in(key, seed))``).
     """
 
-    def __init__(self, data: Any, batch_size: int):
+    def __init__(self, data: Any, batch_size: int, per_seed: bool = False):
         sizes = {np.shape(x)[0] if np.ndim(x) else 0 for x in jax.tree.leaves(data)}
         if len(sizes) != 1:
             raise ValueError(
@@ -157,6 +170,7 @@ class ShuffledBatches:
         if not 0 < batch_size <= self.n:
             raise ValueError(f"shuffled_batches: batch_size must be in [1, {self.n}], got {batch_size}")
         self.data, self.batch_size, self.per_epoch = data, batch_size, self.n // batch_size
+        self.per_seed = bool(per_seed)
 
     def prepare(
         self, first_step: jax.Array, num_steps: int, key: jax.Array, data: Any = None
@@ -164,13 +178,13 @@ class ShuffledBatches:
         """``batch_at(step)`` for the steps ``first_step ..`` of one chunk; ``data`` (default: this
         source's arrays) lets a compiled caller pass the arrays in as an argument."""
         return _shuffled_prepare(
-            self.batch_size, first_step, num_steps, key, self.data if data is None else data
+            self.batch_size, False, first_step, num_steps, key, self.data if data is None else data
         )
 
 
-def shuffled_batches(data: Any, batch_size: int) -> ShuffledBatches:
+def shuffled_batches(data: Any, batch_size: int, per_seed: bool = False) -> ShuffledBatches:
     """A batch source for `fit` and the sweeps: see `ShuffledBatches`."""
-    return ShuffledBatches(data, batch_size)
+    return ShuffledBatches(data, batch_size, per_seed)
 
 
 def _maybe_vmap(fn: Callable, batched: bool, in_axes: tuple) -> Callable:
@@ -341,30 +355,39 @@ class _Program:
         # The configurations come in as an argument, like the data: a cached program keeps neither.
         self = copy.copy(self)
         self.members = [replace(m, configs=c) for m, c in zip(self.members, configs, strict=True)]
-        batch_at = self.prepare_batches(first_step, num_steps, key, arrays)
+
+        def batches_for(m: Member) -> tuple[Callable[[jax.Array], Any], bool]:
+            """A member's ``batch_at`` and whether its batches have a configuration axis."""
+            seeds = None if m.configs is None else m.configs.get("seed")
+            return self.prepare_batches(first_step, num_steps, key, arrays, seeds), bool(
+                seeds is not None and self.data_kind[0] == "shuffled" and self.data_kind[2]
+            )
+
         together = [i for i, m in enumerate(self.members) if m.group_size is None]
         new_carry, losses, evaluated = list(carry), [None] * len(carry), [None] * len(carry)
         if together:
             members, member_carry = [self.members[i] for i in together], [carry[i] for i in together]
-            c, (l, e) = self._scan_periods(members, member_carry, batch_at, first_step, num_steps, period)
+            c, (l, e) = self._scan_periods(members, member_carry, batches_for, first_step, num_steps, period)
             for j, i in enumerate(together):
                 new_carry[i], losses[i], evaluated[i] = c[j], l[j], e[j] if e else None
         for i, m in enumerate(self.members):
             if m.group_size is not None:
                 new_carry[i], losses[i], evaluated[i] = self._grouped_periods(
-                    m, carry[i], batch_at, first_step, num_steps, period
+                    m, carry[i], batches_for, first_step, num_steps, period
                 )
         out_metrics = tuple(evaluated) if self.eval_fn is not None else ()
         return tuple(new_carry), (tuple(losses), out_metrics)
 
-    def _grouped_periods(self, m: Member, carry, batch_at, first_step, num_steps: int, period: int):
+    def _grouped_periods(self, m: Member, carry, batches_for, first_step, num_steps: int, period: int):
         n, k = len(next(iter(m.configs.values()))), m.group_size
         split = lambda x: x.reshape(n // k, k, *x.shape[1:])  # noqa: E731
 
         def one_group(group):
             configs, member_carry = group
             member = replace(m, configs=configs, group_size=None)
-            c, (l, e) = self._scan_periods([member], [member_carry], batch_at, first_step, num_steps, period)
+            c, (l, e) = self._scan_periods(
+                [member], [member_carry], batches_for, first_step, num_steps, period
+            )
             return c[0], (l[0], e[0] if e else {})
 
         carry, (loss, metrics) = jax.lax.map(one_group, jax.tree.map(split, (m.configs, carry)))
@@ -374,13 +397,17 @@ class _Program:
         metrics = {name: jnp.moveaxis(v, 0, -2).reshape(*v.shape[1:-1], n) for name, v in metrics.items()}
         return carry, loss, metrics
 
-    def _scan_periods(self, members, carry, batch_at, first_step, num_steps: int, period: int):
+    def _scan_periods(self, members, carry, batches_for, first_step, num_steps: int, period: int):
         """``members`` stepped together on the same batches: a scan over periods of a scan over steps."""
 
+        sources = [batches_for(m) for m in members]  # outside the scans: a shuffle is drawn once
+
         def one_step(carry, step):
-            batch = batch_at(step)
             new, losses = [], []
-            for m, (params, state, stop, metrics) in zip(members, carry, strict=True):
+            for m, (params, state, stop, metrics), (source, per_config) in zip(
+                members, carry, sources, strict=True
+            ):
+                batch = source(step)
                 extra = {}
                 if self.plateau_metric is not None:
                     # The last evaluation is fed once, at the first step of the next period.
@@ -390,7 +417,7 @@ class _Program:
                 fn = _maybe_vmap(
                     lambda c, p, s, st, b, e, m=m: self._step(m, c, p, s, st, b, e),
                     m.configs is not None,
-                    (0, 0, 0, 0, None, 0),
+                    (0, 0, 0, 0, 0 if per_config else None, 0),
                 )
                 params, state, stop, loss = fn(m.configs, params, state, stop, batch, extra)
                 new.append((params, state, stop, metrics))

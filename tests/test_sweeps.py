@@ -272,6 +272,33 @@ def test_a_cached_sweep_program_takes_the_new_configurations():
         assert_same_run(result, i, single)
 
 
+@pytest.mark.parametrize("group_size", [None, 2])  # 2: three seeds padded to two groups of two
+def test_per_seed_shuffling_gives_each_seed_its_own_data_order(group_size):
+    examples = (X.reshape(-1, 5), Y.reshape(-1, 3))  # 960 examples, 60 batches of 16 per epoch
+    source = gradtx.shuffled_batches(examples, 16, per_seed=True)
+    make = lambda learning_rate: gradtx.sgd(learning_rate)  # noqa: E731
+    configs = {"learning_rate": [0.05] * 3, "seed": [0, 1, 2]}
+    result = gradtx.sweep(make, configs, loss_fn, PARAMS, source, 2 * STEPS, group_size=group_size)
+    for i, seed in enumerate([0, 1, 2]):
+        key = jax.random.fold_in(jax.random.PRNGKey(0), seed)
+        single = gradtx.fit(
+            loss_fn, PARAMS, gradtx.sgd(0.05), gradtx.shuffled_batches(examples, 16), 2 * STEPS, key=key
+        )
+        assert_same_run(result, i, single)
+    # Same params, same rate: only the data order tells the seeds apart.
+    assert not np.allclose(result.history.loss[0], result.history.loss[1])
+
+
+def test_without_per_seed_every_seed_sees_the_same_batches():
+    examples = (X.reshape(-1, 5), Y.reshape(-1, 3))
+    source = gradtx.shuffled_batches(examples, 16)
+    configs = {"learning_rate": [0.05] * 2, "seed": [0, 1]}
+    result = gradtx.sweep(
+        lambda learning_rate: gradtx.sgd(learning_rate), configs, loss_fn, PARAMS, source, STEPS
+    )
+    np.testing.assert_array_equal(result.history.loss[0], result.history.loss[1])
+
+
 def test_compare_needs_a_family():
     with pytest.raises(ValueError, match="at least one optimizer family"):
         gradtx.compare({}, loss_fn, PARAMS, (X, Y), STEPS)
