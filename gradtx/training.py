@@ -98,7 +98,7 @@ def _batch_source(data: Data) -> tuple[Prepare, Any, tuple]:
     ``kind`` says what ``prepare`` depends on besides the arrays (a key of the program cache)."""
     if isinstance(data, ShuffledBatches):
         kind = ("shuffled", data.batch_size, data.per_seed)
-        return partial(_shuffled_prepare, data.batch_size, data.per_seed), data.data, kind
+        return partial(_shuffled_prepare, data.batch_size), data.data, kind
     if callable(data):
         return partial(_function_prepare, data), (), ("function", data)
     leaves = jax.tree.leaves(data)
@@ -123,9 +123,10 @@ def _indexed_prepare(first_step, num_steps, key, arrays, seeds=None):
     return lambda step: jax.tree.map(lambda x: x[step % n], arrays)
 
 
-def _shuffled_prepare(batch_size: int, per_seed: bool, first_step, num_steps: int, key, data, seeds=None):
-    """With ``per_seed`` and ``seeds`` (a configuration's seeds, shape (k,)), each configuration
-    shuffles with ``fold_in(key, seed)`` and ``batch_at`` returns batches with a leading (k,) axis.
+def _shuffled_prepare(batch_size: int, first_step, num_steps: int, key, data, seeds=None):
+    """With ``seeds`` (a configuration's seeds, shape (k,), given for a ``per_seed`` source), each
+    configuration shuffles with ``fold_in(key, seed)`` and ``batch_at`` returns batches with a leading
+    (k,) axis.
     The permutations of the chunk's epochs are drawn here, once, not at every step."""
     n = jax.tree.leaves(data)[0].shape[0]
     per_epoch = n // batch_size
@@ -139,7 +140,7 @@ def _shuffled_prepare(batch_size: int, per_seed: bool, first_step, num_steps: in
         index = jax.lax.dynamic_slice_in_dim(order, (step % per_epoch) * batch_size, batch_size)
         return jax.tree.map(lambda x: x[index], data)
 
-    if per_seed and seeds is not None:
+    if seeds is not None:
         table = jax.vmap(lambda seed: orders(jax.random.fold_in(key, seed)))(seeds)  # (k, epochs, n)
         return lambda step: jax.vmap(batch, (0, None))(table[:, step // per_epoch - first_epoch], step)
     table = orders(key)
@@ -178,7 +179,7 @@ class ShuffledBatches:
         """``batch_at(step)`` for the steps ``first_step ..`` of one chunk; ``data`` (default: this
         source's arrays) lets a compiled caller pass the arrays in as an argument."""
         return _shuffled_prepare(
-            self.batch_size, False, first_step, num_steps, key, self.data if data is None else data
+            self.batch_size, first_step, num_steps, key, self.data if data is None else data
         )
 
 
@@ -262,6 +263,7 @@ class _Program:
             raise ValueError(f"early_stopping: mode must be 'min' or 'max', got {early_stopping.mode!r}")
         self.loss_fn, self.members, self.steps = loss_fn, list(members), steps
         self.prepare_batches, self.data_arrays, self.data_kind = _batch_source(data)
+        self.per_seed = isinstance(data, ShuffledBatches) and data.per_seed
         self.eval_fn, self.plateau_metric, self.early_stopping = eval_fn, plateau_metric, early_stopping
         self.period = eval_every if eval_fn is not None else None
 
@@ -357,11 +359,10 @@ class _Program:
         self.members = [replace(m, configs=c) for m, c in zip(self.members, configs, strict=True)]
 
         def batches_for(m: Member) -> tuple[Callable[[jax.Array], Any], bool]:
-            """A member's ``batch_at`` and whether its batches have a configuration axis."""
-            seeds = None if m.configs is None else m.configs.get("seed")
-            return self.prepare_batches(first_step, num_steps, key, arrays, seeds), bool(
-                seeds is not None and self.data_kind[0] == "shuffled" and self.data_kind[2]
-            )
+            """A member's ``batch_at`` and whether its batches have a configuration axis (a per-seed
+            source and a member with seeds)."""
+            seeds = m.configs.get("seed") if self.per_seed and m.configs is not None else None
+            return self.prepare_batches(first_step, num_steps, key, arrays, seeds), seeds is not None
 
         together = [i for i, m in enumerate(self.members) if m.group_size is None]
         new_carry, losses, evaluated = list(carry), [None] * len(carry), [None] * len(carry)
@@ -484,10 +485,13 @@ class _Program:
         """The jitted, donated chunk ``(carry, key, first_step, arrays, configs) -> (carry, outputs)``,
         shared by later calls with the same functions (as `jax.jit` shares its compilations); the cached
         program holds none of this call's arrays."""
-        spec = copy.copy(self)
-        spec.data_arrays = None
-        spec.members = [replace(m, params=None, configs=None, sharding=None) for m in self.members]
-        make = lambda: jax.jit(partial(_Program.run_periods, spec, num_steps, period), donate_argnums=0)  # noqa: E731
+
+        def make():
+            spec = copy.copy(self)
+            spec.data_arrays = None
+            spec.members = [replace(m, params=None, configs=None, sharding=None) for m in self.members]
+            return jax.jit(partial(_Program.run_periods, spec, num_steps, period), donate_argnums=0)
+
         return _cached(self._cache_key(num_steps, period), make)
 
     def _results(self, carry, outputs) -> list[TrainResult]:
