@@ -16,7 +16,7 @@ from gradtx.base import (
 )
 from gradtx.constraints import max_norm, min_max_norm, non_neg, unit_norm
 from gradtx.grouping import GroupedState, grouped
-from gradtx.hyperparams import Hyperparams, hyperparams, set_hyperparams
+from gradtx.hyper import Hyperparams, Range, hyperparam_ranges, hyperparams, set_hyperparams
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
 from gradtx.plateau import PlateauState, current_learning_rate, plateau_scale, reduce_on_plateau
 from gradtx.pruning import (
@@ -38,6 +38,7 @@ from gradtx.regularizers import (
     l1_penalty,
     l2,
     l2_penalty,
+    with_weight_decay,
 )
 from gradtx.routing import MaskedState, PartitionState, label_by_path, masked, partition, weights_only
 from gradtx.schedules import (
@@ -77,6 +78,7 @@ __all__ = [
     "PartitionState",
     "PlateauState",
     "PruningState",
+    "Range",
     "RangeTest",
     "Schedule",
     "ShuffledBatches",
@@ -103,6 +105,7 @@ __all__ = [
     "fit",
     "grid",
     "grouped",
+    "hyperparam_ranges",
     "hyperparams",
     "identity",
     "join_schedules",
@@ -147,4 +150,5 @@ __all__ = [
     "sweep",
     "unit_norm",
     "weights_only",
+    "with_weight_decay",
 ]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from gradtx.base import Transformation, leafwise
-from gradtx.hyperparams import Hyper, Hyperparams, HyperSpec, is_concrete
+from gradtx.hyper import CLOSED_UNIT_INTERVAL, NONNEGATIVE, Hyper, Hyperparams, HyperSpec, is_concrete
 
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon(), the fuzz factor in Keras's norm constraints
 
@@ -59,7 +59,7 @@ def _constraint(owner: str, project: Callable, **hyper: Hyper) -> Transformation
     def update(updates, state, params=None, *, step=None, **extra):
         if params is None:
             raise ValueError(f"{owner} needs the params: call update(updates, state, params)")
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
 
         def leaf(u, p):
             # The value apply_updates would produce, then its projection, in at least float32.
@@ -86,7 +86,7 @@ def max_norm(max_value: Hyper = 2.0, axis: Axis = 0) -> Transformation:
         n = _norms("max_norm", w, axes)
         return w * (jnp.clip(n, 0, h["max_value"]) / (KERAS_EPSILON + n))
 
-    return _constraint("max_norm", project, max_value=max_value)
+    return _constraint("max_norm", project, max_value=(max_value, NONNEGATIVE))
 
 
 def unit_norm(axis: Axis = 0) -> Transformation:
@@ -118,7 +118,13 @@ def min_max_norm(
         desired = h["rate"] * jnp.clip(n, h["min_value"], h["max_value"]) + (1 - h["rate"]) * n
         return w * (desired / (KERAS_EPSILON + n))
 
-    return _constraint("min_max_norm", project, min_value=min_value, max_value=max_value, rate=rate)
+    return _constraint(
+        "min_max_norm",
+        project,
+        min_value=(min_value, NONNEGATIVE),
+        max_value=(max_value, NONNEGATIVE),
+        rate=(rate, CLOSED_UNIT_INTERVAL),
+    )
 
 
 def non_neg() -> Transformation:

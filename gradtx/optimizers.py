@@ -14,7 +14,7 @@ import numpy as np
 
 from gradtx import transforms
 from gradtx.base import Transformation, chain
-from gradtx.hyperparams import Hyper, is_concrete
+from gradtx.hyper import Hyper, is_concrete
 
 
 def _is_zero(x: Hyper) -> bool:

@@ -14,7 +14,16 @@ import jax
 import jax.numpy as jnp
 
 from gradtx.base import Transformation, leafwise
-from gradtx.hyperparams import Hyper, Hyperparams, HyperSpec, hyperparams
+from gradtx.hyper import (
+    CLOSED_UNIT_INTERVAL,
+    COUNT,
+    NONNEGATIVE,
+    OPEN_UNIT_INTERVAL,
+    Hyper,
+    Hyperparams,
+    HyperSpec,
+    find_hyperparam,
+)
 
 
 class PlateauState(NamedTuple):
@@ -56,11 +65,11 @@ def reduce_on_plateau(
         raise ValueError(f"reduce_on_plateau: mode must be 'min' or 'max', got {mode!r}")
     spec = HyperSpec(
         "reduce_on_plateau",
-        factor=factor,
-        patience=patience,
-        min_delta=min_delta,
-        cooldown=cooldown,
-        min_scale=min_scale,
+        factor=(factor, OPEN_UNIT_INTERVAL),
+        patience=(patience, COUNT),
+        min_delta=(min_delta, NONNEGATIVE),
+        cooldown=(cooldown, COUNT),
+        min_scale=(min_scale, CLOSED_UNIT_INTERVAL),
     )
     sign = 1.0 if mode == "min" else -1.0  # compare sign*v, so "max" is "min" of the negated value
 
@@ -90,7 +99,7 @@ def reduce_on_plateau(
         )
 
     def update(updates, state, params=None, *, step=None, value=None, measured=True, **extra):
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         state = state._replace(hyperparams=hp)
         if value is not None:
             if jnp.ndim(value) != 0:
@@ -116,10 +125,8 @@ def plateau_scale(state: Any) -> jax.Array:
     return scale
 
 
-def current_learning_rate(state: Any) -> jax.Array:
+def current_learning_rate(state: Any, where: str | None = None) -> jax.Array:
     """The learning rate the last update used: the ``learning_rate`` hyperparameter (a schedule's value
-    at the last step) times the `plateau_scale`. For logging and plots."""
-    found = hyperparams(state)
-    if "learning_rate" not in found:
-        raise ValueError("current_learning_rate: the state has no learning_rate hyperparameter")
-    return found["learning_rate"] * plateau_scale(state)
+    at the last step) times the `plateau_scale`. For logging and plots. ``where`` chooses among several
+    learning rates (the members of a `partition`), as in `gradtx.hyperparams`."""
+    return find_hyperparam("current_learning_rate", state, "learning_rate", where) * plateau_scale(state)

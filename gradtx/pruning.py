@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradtx.base import Params, Transformation, is_float, leafwise
-from gradtx.hyperparams import Hyper, Hyperparams, HyperSpec, check_value
+from gradtx.hyper import UNIT_INTERVAL, Hyper, Hyperparams, HyperSpec, check_value
 from gradtx.routing import MaskSpec, select_leaves
 
 SCOPES = ("per_leaf", "global")
@@ -93,7 +93,7 @@ def constant_sparsity(
 ) -> SparsitySchedule:
     """Prune to ``target_sparsity`` at ``begin_step`` and every ``frequency`` steps after it, up to
     ``end_step`` (``-1``: until the end of training).  (TF-MOT ``ConstantSparsity``.)"""
-    check_value("constant_sparsity", "target_sparsity", target_sparsity)
+    check_value("constant_sparsity", "target_sparsity", target_sparsity, UNIT_INTERVAL)
     _check_steps("constant_sparsity", begin_step, end_step, frequency, allow_forever=True)
     return SparsitySchedule({"target_sparsity": target_sparsity}, begin_step, end_step, frequency, None)
 
@@ -112,8 +112,8 @@ def polynomial_decay_sparsity(
 
     The sparsity rises fast at first, while the network can recover, and levels off at ``final``.
     """
-    check_value("polynomial_decay_sparsity", "initial_sparsity", initial_sparsity)
-    check_value("polynomial_decay_sparsity", "final_sparsity", final_sparsity)
+    check_value("polynomial_decay_sparsity", "initial_sparsity", initial_sparsity, UNIT_INTERVAL)
+    check_value("polynomial_decay_sparsity", "final_sparsity", final_sparsity, UNIT_INTERVAL)
     _check_steps("polynomial_decay_sparsity", begin_step, end_step, frequency, allow_forever=False)
     if not (isinstance(power, int | float) and math.isfinite(power) and power > 0):
         raise ValueError(f"polynomial_decay_sparsity: power must be a finite number > 0, got {power!r}")
@@ -159,7 +159,7 @@ def prune_by_magnitude(
     prune; the others, and non-floating leaves, are returned as they are. ``sparsity`` may be a JAX
     scalar (``jax.vmap`` sweeps it).
     """
-    check_value("prune_by_magnitude", "sparsity", sparsity)
+    check_value("prune_by_magnitude", "sparsity", sparsity, UNIT_INTERVAL)
     _check_scope("prune_by_magnitude", scope)
     leaves, treedef = jax.tree.flatten(params)
     selected = select_leaves("prune_by_magnitude", params, mask)
@@ -222,7 +222,9 @@ def magnitude_pruning(schedule: SparsitySchedule, *, scope: str = "per_leaf") ->
             "magnitude_pruning: schedule must come from gradtx.constant_sparsity or "
             f"gradtx.polynomial_decay_sparsity, got {schedule!r}"
         )
-    spec = HyperSpec("magnitude_pruning", **schedule.sparsities)
+    spec = HyperSpec(
+        "magnitude_pruning", **{name: (s, UNIT_INTERVAL) for name, s in schedule.sparsities.items()}
+    )
 
     def init(params):
         masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p) if is_float(p) else (), bool), params)
@@ -235,7 +237,7 @@ def magnitude_pruning(schedule: SparsitySchedule, *, scope: str = "per_leaf") ->
             raise ValueError(
                 "magnitude_pruning needs the step count for its schedule; use it inside gradtx.chain"
             )
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         # The magnitudes the params would have after this update, with pruned weights at 0.
         candidate, _, _ = leafwise(
             "magnitude_pruning",

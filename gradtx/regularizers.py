@@ -11,8 +11,9 @@ Which one to use (the course's advice):
   does in Keras. With Adam (and the other adaptive optimizers) the division by ``sqrt(v)`` weakens the
   decay exactly where gradients are large; use decoupled weight decay (AdamW) there.
 * decoupled weight decay: ``gradtx.adamw``, or after any optimizer
-  ``chain(adam(lr), decoupled_weight_decay(wd, lr))`` (AdamW) and
-  ``chain(sgd(lr, momentum=0.9), decoupled_weight_decay(wd, lr))`` (SGDW).
+  ``with_weight_decay(adam(lr), wd)`` (AdamW) and
+  ``with_weight_decay(sgd(lr, momentum=0.9), wd)`` (SGDW): the decay follows the optimizer's own
+  learning rate, read from its state.
 * ``l1`` pushes weights to exactly zero only on average: with a finite step they oscillate around zero
   (use `gradtx.pruning` for exact zeros).
 
@@ -38,8 +39,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradtx.base import Params, Transformation, is_float, leafwise
-from gradtx.hyperparams import Hyper, Hyperparams, HyperSpec, check_value
+from gradtx.base import Params, State, Transformation, accepts_extra, is_float, leafwise
+from gradtx.hyper import (
+    CLOSED_UNIT_INTERVAL,
+    NONNEGATIVE,
+    Hyper,
+    Hyperparams,
+    HyperSpec,
+    check_value,
+    find_hyperparam,
+)
 from gradtx.routing import MaskSpec, select_leaves
 
 
@@ -48,7 +57,7 @@ class PenaltyState(NamedTuple):
 
 
 def _penalty(owner: str, **rates: Hyper) -> Transformation:
-    spec = HyperSpec(owner, **rates)
+    spec = HyperSpec(owner, **{name: (rate, NONNEGATIVE) for name, rate in rates.items()})
 
     def init(params):
         return PenaltyState(spec.init())
@@ -56,7 +65,7 @@ def _penalty(owner: str, **rates: Hyper) -> Transformation:
     def update(updates, state, params=None, *, step=None, **extra):
         if params is None:
             raise ValueError(f"{owner} needs the params: call update(updates, state, params)")
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
 
         def leaf(g, p):
             p32 = p.astype(jnp.promote_types(p.dtype, jnp.float32))
@@ -113,13 +122,13 @@ def l1_penalty(params: Params, rate: Hyper = 0.01, *, mask: MaskSpec | None = No
 
     ``mask`` takes the forms of `gradtx.masked` (e.g. ``mask=gradtx.weights_only``). Add it to a loss.
     """
-    check_value("l1_penalty", "l1", rate, scalar=False)
+    check_value("l1_penalty", "l1", rate, NONNEGATIVE, scalar=False)
     return rate * _penalty_sum("l1_penalty", params, mask, lambda w: jnp.sum(jnp.abs(w)))
 
 
 def l2_penalty(params: Params, rate: Hyper = 0.01, *, mask: MaskSpec | None = None) -> jax.Array:
     """``rate * sum(w**2)`` over the floating leaves of ``params`` (those ``mask`` selects), in float32."""
-    check_value("l2_penalty", "l2", rate, scalar=False)
+    check_value("l2_penalty", "l2", rate, NONNEGATIVE, scalar=False)
     return rate * _penalty_sum("l2_penalty", params, mask, lambda w: jnp.sum(jnp.square(w)))
 
 
@@ -134,18 +143,23 @@ class DecoupledWeightDecayState(NamedTuple):
     hyperparams: Hyperparams
 
 
-def decoupled_weight_decay(weight_decay: Hyper = 0.004, learning_rate: Hyper = 1.0) -> Transformation:
+def decoupled_weight_decay(weight_decay: Hyper, learning_rate: Hyper) -> Transformation:
     """Decoupled weight decay after an optimizer:  ``u <- u - eta * lambda * theta``.
 
     Placed after any optimizer (whose output is already a step), it shrinks the weights by
-    ``eta * lambda`` per step independently of the gradient statistics (Loshchilov & Hutter, 2019):
-    ``chain(adam(lr), decoupled_weight_decay(wd, lr))`` is Keras ``AdamW(lr, weight_decay=wd)``, and
-    ``chain(sgd(lr, momentum=0.9), decoupled_weight_decay(wd, lr))`` is SGDW. Give the same
-    ``learning_rate`` (or schedule) as the optimizer; ``set_hyperparams(state, learning_rate=...)``
-    then changes both. (`add_decayed_weights` is the building block to use *before*
-    ``scale_by_learning_rate``, inside an optimizer's chain.)
+    ``eta * lambda`` per step independently of the gradient statistics (Loshchilov & Hutter, 2019).
+    ``learning_rate`` (eta) is this transformation's own hyperparameter, so the state then holds two
+    learning rates: `with_weight_decay` instead reads the wrapped optimizer's own, and is the simpler
+    choice (``with_weight_decay(adam(lr), wd)`` is Keras ``AdamW(lr, weight_decay=wd)``). Use this
+    form to decay on another clock, or only some leaves: ``masked(decoupled_weight_decay(wd, lr),
+    weights_only)``; address its rate with ``where="decoupled_weight_decay"`` in `set_hyperparams`.
+    (`add_decayed_weights` is the building block to use *before* ``scale_by_learning_rate``.)
     """
-    spec = HyperSpec("decoupled_weight_decay", weight_decay=weight_decay, learning_rate=learning_rate)
+    spec = HyperSpec(
+        "decoupled_weight_decay",
+        weight_decay=(weight_decay, NONNEGATIVE),
+        learning_rate=(learning_rate, NONNEGATIVE),
+    )
 
     def init(params):
         return DecoupledWeightDecayState(spec.init())
@@ -153,15 +167,66 @@ def decoupled_weight_decay(weight_decay: Hyper = 0.004, learning_rate: Hyper = 1
     def update(updates, state, params=None, *, step=None, **extra):
         if params is None:
             raise ValueError("decoupled_weight_decay needs the params: call update(updates, state, params)")
-        h, hp = spec.resolve(state.hyperparams, step)
-        shrink = h["learning_rate"] * h["weight_decay"]
-        updates, _ = leafwise(
-            "decoupled_weight_decay",
-            lambda u, p: ((u - shrink * p).astype(u.dtype), p),
-            updates,
-            params,
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
+        return _shrink("decoupled_weight_decay", updates, params, h["learning_rate"] * h["weight_decay"]), (
+            DecoupledWeightDecayState(hp)
         )
-        return updates, DecoupledWeightDecayState(hp)
+
+    return Transformation(init, update)
+
+
+def _shrink(owner: str, updates: Params, params: Params, rate: jax.Array, keep: list[bool] | None = None):
+    """``u - rate * theta`` for the floating leaves (those ``keep`` selects), in at least float32, back in
+    the update's dtype; the trees' structures are checked first."""
+    (checked,) = leafwise(owner, lambda u, p: (u,), updates, params)  # the structure and shape checks
+    flat_u, treedef = jax.tree.flatten(checked)
+    flat_p = treedef.flatten_up_to(params)
+    keep = [True] * len(flat_u) if keep is None else keep
+    out = []
+    for u, p, k in zip(flat_u, flat_p, keep, strict=True):
+        if k and is_float(u):
+            wide = jnp.promote_types(jnp.result_type(p), jnp.float32)
+            u = (u.astype(wide) - rate * p.astype(wide)).astype(u.dtype)
+        out.append(u)
+    return treedef.unflatten(out)
+
+
+class WithWeightDecayState(NamedTuple):
+    inner: State
+    hyperparams: Hyperparams
+
+
+def with_weight_decay(
+    inner: Transformation, weight_decay: Hyper, mask: MaskSpec | None = None
+) -> Transformation:
+    """Decoupled weight decay at the wrapped optimizer's own learning rate:
+    ``u <- inner(g) - eta_t * lambda * theta``.
+
+    ``eta_t`` is the ``learning_rate`` the inner optimizer used at this step (its constant, or its
+    schedule's value), read from its state after its update, so the state keeps one learning rate and
+    ``set_hyperparams(state, learning_rate=...)`` changes the step and the decay together. This is
+    Keras's ``weight_decay=`` option (``w <- w - w * lambda * eta`` before the optimizer's step), exact
+    for every optimizer whose step does not read the params. ``mask`` (the forms of `gradtx.masked`,
+    e.g. `weights_only`) decays some leaves only; the others pass through as ``inner`` made them.
+    """
+    spec = HyperSpec("with_weight_decay", weight_decay=(weight_decay, NONNEGATIVE))
+
+    def init(params):
+        state = WithWeightDecayState(inner.init(params), spec.init())
+        find_hyperparam("with_weight_decay", state.inner, "learning_rate")  # fails now, not in a trace
+        return state
+
+    def update(updates, state, params=None, *, step=None, **extra):
+        if params is None:
+            raise ValueError("with_weight_decay needs the params: call update(updates, state, params)")
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
+        kwargs = (
+            ({**extra, "step": step} if step is not None else extra) if accepts_extra(inner.update) else {}
+        )
+        new, inner_state = inner.update(updates, state.inner, params, **kwargs)
+        rate = find_hyperparam("with_weight_decay", inner_state, "learning_rate") * h["weight_decay"]
+        keep = select_leaves("with_weight_decay", params, mask)
+        return _shrink("with_weight_decay", new, params, rate, keep), WithWeightDecayState(inner_state, hp)
 
     return Transformation(init, update)
 
@@ -198,7 +263,7 @@ def dropout(
     entry of that shape and broadcasts it: ``(batch, 1, 1, channels)`` drops whole feature maps; a
     ``None`` entry means x's size on that axis. The same ``key`` gives the same mask.
     """
-    check_value("dropout", "rate", rate)
+    check_value("dropout", "rate", rate, CLOSED_UNIT_INTERVAL)
     x = jnp.asarray(x)
     shape = _noise_shape(x, noise_shape)
     if deterministic:

@@ -19,17 +19,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradtx.base import Schedule
-from gradtx.hyperparams import check_value, is_concrete
+from gradtx.hyper import (
+    CLOSED_UNIT_INTERVAL,
+    NONNEGATIVE,
+    POSITIVE,
+    UNIT_INTERVAL,
+    Range,
+    check_value,
+    is_concrete,
+)
 
 Number = Any  # float | int | jax.Array
 
-_NONNEGATIVE = (lambda x: x >= 0, ">= 0")
-_POSITIVE = (lambda x: x > 0, "> 0")
+_NONNEGATIVE, _POSITIVE = NONNEGATIVE, POSITIVE
 
 
-def _check(owner: str, **named: tuple[Number, tuple]) -> None:
+def _check(owner: str, **named: tuple[Number, Range]) -> None:
     for name, (value, rule) in named.items():
-        check_value(owner, name, value, scalar=False, rule=rule)
+        check_value(owner, name, value, rule, scalar=False)
 
 
 def _steps(owner: str, step: Number) -> jax.Array:
@@ -118,7 +125,7 @@ def piecewise_constant_schedule(boundaries: Sequence[Number], values: Sequence[N
         )
     _increasing(owner, "boundaries", boundaries)
     for i, v in enumerate(values):
-        check_value(owner, f"values[{i}]", v, scalar=False, rule=_NONNEGATIVE)
+        check_value(owner, f"values[{i}]", v, _NONNEGATIVE, scalar=False)
 
     def schedule(step):
         t = _steps(owner, step)
@@ -138,7 +145,7 @@ def cosine_decay_schedule(initial_value: Number, decay_steps: Number, alpha: Num
         "cosine_decay_schedule",
         initial_value=(initial_value, _NONNEGATIVE),
         decay_steps=(decay_steps, _POSITIVE),
-        alpha=(alpha, (lambda x: 0 <= x <= 1, "in [0, 1]")),
+        alpha=(alpha, CLOSED_UNIT_INTERVAL),
     )
 
     def schedule(step):
@@ -278,7 +285,7 @@ def one_cycle_momentum(
     """
     owner = "one_cycle_momentum"
     _check_anneal(owner, anneal)
-    in_unit = (lambda x: 0 <= x < 1, "in [0, 1)")
+    in_unit = UNIT_INTERVAL
     _check(
         owner,
         total_steps=(total_steps, _POSITIVE),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gradtx.base import Params, Transformation, Updates, leafwise, zeros_like_state
-from gradtx.hyperparams import Hyper, Hyperparams, HyperSpec, check_value
+from gradtx.hyper import NONNEGATIVE, UNIT_INTERVAL, Hyper, Hyperparams, HyperSpec, check_value
 
 
 def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
@@ -52,13 +52,13 @@ def scale_by_learning_rate(learning_rate: Hyper) -> Transformation:
     The sign makes ``theta + u`` a descent step. ``learning_rate`` (eta) is read at the current step,
     so a schedule gives ``eta(step)`` with ``step = 0`` on the first update, as in Keras.
     """
-    spec = HyperSpec("scale_by_learning_rate", learning_rate=learning_rate)
+    spec = HyperSpec("scale_by_learning_rate", learning_rate=(learning_rate, NONNEGATIVE))
 
     def init(params):
         return LearningRateState(spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         (updates,) = leafwise(
             "scale_by_learning_rate", lambda g: (_like(-h["learning_rate"] * g, g),), updates
         )
@@ -80,13 +80,13 @@ def momentum(momentum: Hyper = 0.9, nesterov: bool = False) -> Transformation:
     rate acts on new gradients only. Nesterov evaluates the gradient at the look-ahead point
     ``theta + mu*m``, in Keras's reformulation that needs no second gradient.
     """
-    spec = HyperSpec("momentum", momentum=momentum)
+    spec = HyperSpec("momentum", momentum=(momentum, UNIT_INTERVAL))
 
     def init(params):
         return MomentumState(_zeros(params), spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         mu = h["momentum"]
 
         def leaf(g, m):
@@ -108,15 +108,15 @@ class AdagradState(NamedTuple):
 def scale_by_adagrad(initial_accumulator_value: float = 0.1, epsilon: Hyper = 1e-7) -> Transformation:
     """AdaGrad:  ``s <- s + g*g;  u <- g / sqrt(s + eps)``,  with ``s`` starting at
     ``initial_accumulator_value`` (Keras puts epsilon inside the square root)."""
-    check_value("scale_by_adagrad", "initial_accumulator_value", initial_accumulator_value)
-    spec = HyperSpec("scale_by_adagrad", epsilon=epsilon)
+    check_value("scale_by_adagrad", "initial_accumulator_value", initial_accumulator_value, NONNEGATIVE)
+    spec = HyperSpec("scale_by_adagrad", epsilon=(epsilon, NONNEGATIVE))
 
     def init(params):
         start = jax.tree.map(lambda z: z + jnp.asarray(initial_accumulator_value, z.dtype), _zeros(params))
         return AdagradState(start, spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
 
         def leaf(g, s):
             s = s + jnp.square(g.astype(s.dtype))
@@ -140,13 +140,13 @@ def scale_by_rms(rho: Hyper = 0.9, epsilon: Hyper = 1e-7, centered: bool = False
     Centered:  ``gbar <- rho*gbar + (1 - rho)*g;  u <- g / sqrt(v - gbar*gbar + eps)``, which divides by
     an estimate of the variance instead of the second moment. Epsilon is inside the root, as in Keras.
     """
-    spec = HyperSpec("scale_by_rms", rho=rho, epsilon=epsilon)
+    spec = HyperSpec("scale_by_rms", rho=(rho, UNIT_INTERVAL), epsilon=(epsilon, NONNEGATIVE))
 
     def init(params):
         return RmsState(_zeros(params), _zeros(params) if centered else None, spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         r, eps = h["rho"], h["epsilon"]
 
         def leaf(g, v, *mean):
@@ -190,7 +190,12 @@ def scale_by_adam(
     and rounds the new ``m`` once, when storing it. Only ``m``: ``v``'s increments, ``(1 - b2)`` of its
     size, would fall below bfloat16's resolution (2^-8) and be lost.
     """
-    spec = HyperSpec("scale_by_adam", beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    spec = HyperSpec(
+        "scale_by_adam",
+        beta_1=(beta_1, UNIT_INTERVAL),
+        beta_2=(beta_2, UNIT_INTERVAL),
+        epsilon=(epsilon, NONNEGATIVE),
+    )
     mu_dtype = _state_dtype("scale_by_adam", "mu_dtype", mu_dtype)
 
     def init(params):
@@ -198,7 +203,7 @@ def scale_by_adam(
         return AdamState(_zeros(params, mu_dtype), _zeros(params), nu_max, spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         b1, b2, eps = h["beta_1"], h["beta_2"], h["epsilon"]
         t = _time(step, "scale_by_adam")
         correction = jnp.sqrt(1 - jnp.power(b2, t)) / (1 - jnp.power(b1, t))
@@ -231,13 +236,18 @@ def scale_by_adamax(beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper =
     Adam with the infinity norm in place of the l2 norm (Kingma & Ba, section 7.1); the scale ``n`` needs
     no bias correction.
     """
-    spec = HyperSpec("scale_by_adamax", beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    spec = HyperSpec(
+        "scale_by_adamax",
+        beta_1=(beta_1, UNIT_INTERVAL),
+        beta_2=(beta_2, UNIT_INTERVAL),
+        epsilon=(epsilon, NONNEGATIVE),
+    )
 
     def init(params):
         return AdamaxState(_zeros(params), _zeros(params), spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         b1, b2, eps = h["beta_1"], h["beta_2"], h["epsilon"]
         correction = 1 - jnp.power(b1, _time(step, "scale_by_adamax"))
 
@@ -269,13 +279,18 @@ def scale_by_nadam(beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper = 
 
     ``P`` is kept as a running product in the state, as Keras does.
     """
-    spec = HyperSpec("scale_by_nadam", beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    spec = HyperSpec(
+        "scale_by_nadam",
+        beta_1=(beta_1, UNIT_INTERVAL),
+        beta_2=(beta_2, UNIT_INTERVAL),
+        epsilon=(epsilon, NONNEGATIVE),
+    )
 
     def init(params):
         return NadamState(_zeros(params), _zeros(params), jnp.ones([], jnp.float32), spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         b1, b2, eps = h["beta_1"], h["beta_2"], h["epsilon"]
         t = _time(step, "scale_by_nadam")
         mu_t = b1 * (1 - 0.5 * jnp.power(jnp.float32(0.96), t))
@@ -308,7 +323,7 @@ def add_decayed_weights(weight_decay: Hyper) -> Transformation:
     Keras's ``theta <- theta - eta*lambda*theta``. Not after it: the sign would then grow the weights;
     after a complete optimizer use `gradtx.decoupled_weight_decay`, which subtracts.
     """
-    spec = HyperSpec("add_decayed_weights", weight_decay=weight_decay)
+    spec = HyperSpec("add_decayed_weights", weight_decay=(weight_decay, NONNEGATIVE))
 
     def init(params):
         return WeightDecayState(spec.init())
@@ -316,7 +331,7 @@ def add_decayed_weights(weight_decay: Hyper) -> Transformation:
     def update(updates, state, params=None, *, step=None, **extra):
         if params is None:
             raise ValueError("add_decayed_weights needs the params: call update(updates, state, params)")
-        h, hp = spec.resolve(state.hyperparams, step)
+        h, hp = spec.resolve(state.hyperparams, step, **extra)
         wd = h["weight_decay"]
         (updates, _) = leafwise(
             "add_decayed_weights", lambda g, p: (_like(g + wd * p, g), p), updates, params

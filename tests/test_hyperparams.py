@@ -101,13 +101,10 @@ def test_set_hyperparams_rejects_unknown_and_invalid_values():
         gradtx.set_hyperparams(state, learning_rate=jnp.array([0.1, -1.0]))
 
 
-def test_set_hyperparams_sets_every_transformation_that_has_the_name():
+def test_an_ambiguous_unqualified_write_raises_and_lists_the_choices():
     tx = gradtx.chain(gradtx.adam(0.1), gradtx.sgd(0.2))
-    state = gradtx.set_hyperparams(tx.init(PARAMS), learning_rate=0.3)
-    assert [
-        float(s.hyperparams.constant["learning_rate"])
-        for s in (state.inner[0].inner[1], state.inner[1].inner[0])
-    ] == [np.float32(0.3)] * 2
+    with pytest.raises(ValueError, match=r"'learning_rate' is held by several.*#0.1/learning_rate.*#1.0/l"):
+        gradtx.set_hyperparams(tx.init(PARAMS), learning_rate=0.3)
 
 
 LEARNING_RATES = jnp.array([1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
@@ -200,3 +197,73 @@ def test_init_after_a_donated_step_hands_out_live_hyperparameters():
     step = jax.jit(lambda s, g: tx.update(g, s, PARAMS)[1], donate_argnums=0)
     step(tx.init(PARAMS), _grads(0))  # donates (deletes) the state's arrays
     assert float(gradtx.hyperparams(tx.init(PARAMS))["learning_rate"]) == np.float32(0.1)
+
+
+def test_hyperparams_qualify_the_members_of_a_partition_instead_of_hiding_one():
+    tx = gradtx.partition({"a": gradtx.adam(1e-3), "b": gradtx.sgd(0.1)}, {"w": "a", "b": "b"})
+    h = gradtx.hyperparams(tx.init(PARAMS))
+    assert float(h["a/learning_rate"]) == np.float32(1e-3) and float(h["b/learning_rate"]) == np.float32(0.1)
+    assert "learning_rate" not in h and float(h["beta_1"]) == np.float32(0.9)
+    assert set(gradtx.hyperparams(tx.init(PARAMS), where="b")) == {"learning_rate"}
+
+
+def test_set_hyperparams_addresses_one_member_of_a_partition():
+    tx = gradtx.partition({"a": gradtx.adam(1e-3), "b": gradtx.sgd(0.1)}, {"w": "a", "b": "b"})
+    state = tx.init(PARAMS)
+    by_where = gradtx.hyperparams(gradtx.set_hyperparams(state, where="b", learning_rate=0.5))
+    by_name = gradtx.hyperparams(gradtx.set_hyperparams(state, **{"b/learning_rate": 0.5}))
+    for h in (by_where, by_name):
+        assert float(h["b/learning_rate"]) == 0.5 and float(h["a/learning_rate"]) == np.float32(1e-3)
+    with pytest.raises(ValueError, match=r"held by several transformations: \['a/learning_rate', 'b/le"):
+        gradtx.set_hyperparams(state, learning_rate=0.5)
+    with pytest.raises(ValueError, match="no transformation in the state matches where='c'"):
+        gradtx.set_hyperparams(state, where="c", learning_rate=0.5)
+
+
+def test_a_partition_member_is_swept_alone():
+    def make(lr_b):
+        return gradtx.partition({"a": gradtx.adam(1e-2), "b": gradtx.sgd(lr_b)}, {"w": "a", "b": "b"})
+
+    rates = jnp.array([0.0, 0.1, 0.5])
+    states = jax.vmap(lambda r: make(r).init(PARAMS))(rates)
+    h = gradtx.hyperparams(states)
+    np.testing.assert_array_equal(h["b/learning_rate"], rates)
+    np.testing.assert_array_equal(h["a/learning_rate"], np.full(3, 1e-2, np.float32))
+
+
+def test_a_users_own_hyperparameter_names_carry_their_own_ranges():
+    # The core used to validate by name: a user's factor=2.0 or min_value=-1 was rejected.
+    from gradtx.hyper import NONNEGATIVE, HyperSpec
+
+    spec = HyperSpec("mine", factor=2.0, min_value=-1.0, rate=(0.5, NONNEGATIVE))
+    state = spec.init()
+    assert float(gradtx.hyperparams(state)["factor"]) == 2.0
+    gradtx.set_hyperparams(state, min_value=-3.0)  # any finite value
+    with pytest.raises(ValueError, match="set_hyperparams: rate must be >= 0, got -1.0"):
+        gradtx.set_hyperparams(state, rate=-1.0)
+    assert gradtx.hyperparam_ranges(state)["rate"] == NONNEGATIVE
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (1e40, "learning_rate must be finite in float32"),
+        ("0.001", "learning_rate must be a number or a JAX array, got '0.001'"),
+        (True, "learning_rate must be a real number"),
+    ],
+)
+def test_construction_rejects_values_that_are_not_float32_numbers(value, message):
+    with pytest.raises(ValueError, match=message):
+        gradtx.adam(value)
+
+
+def test_set_hyperparams_names_a_wrong_shaped_value():
+    states = jax.vmap(lambda lr: gradtx.adam(lr).init(PARAMS))(LEARNING_RATES)
+    with pytest.raises(ValueError, match=r"learning_rate must be a scalar or have the state's shape \(8,\)"):
+        gradtx.set_hyperparams(states, learning_rate=jnp.ones(3))
+
+
+def test_the_module_is_not_hidden_by_the_function():
+    import gradtx.hyper
+
+    assert callable(gradtx.hyperparams) and gradtx.hyper.hyperparams is gradtx.hyperparams

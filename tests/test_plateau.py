@@ -188,5 +188,5 @@ def test_value_must_be_a_scalar():
 
 
 def test_current_learning_rate_needs_a_learning_rate():
-    with pytest.raises(ValueError, match="no learning_rate hyperparameter"):
+    with pytest.raises(ValueError, match="current_learning_rate: the state has no 'learning_rate'"):
         gradtx.current_learning_rate(gradtx.scale_by_adam().init(jnp.ones(2)))

@@ -126,11 +126,60 @@ def test_decoupled_weight_decay_after_an_optimizer_matches_keras_weight_decay(na
         np.testing.assert_allclose(params, np.asarray(variable.value), rtol=1e-6, atol=1e-6, err_msg=f"{t}")
 
 
-def test_decoupled_weight_decay_shares_set_hyperparams_learning_rate():
-    tx = gradtx.chain(gradtx.adam(0.1), gradtx.decoupled_weight_decay(0.5, 0.1))
-    state = gradtx.set_hyperparams(tx.init(jnp.ones(2)), learning_rate=0.0)
+@pytest.mark.parametrize("name", DECOUPLED)
+def test_with_weight_decay_matches_keras_weight_decay_with_a_schedule(name):
+    schedule = keras.optimizers.schedules.ExponentialDecay(LR, decay_steps=7, decay_rate=0.5)
+    keras_opt = {
+        "adamw": lambda: keras.optimizers.AdamW(
+            schedule, weight_decay=WD, beta_1=0.875, beta_2=1 - 2.0**-10, epsilon=2.0**-20
+        ),
+        "sgdw": lambda: keras.optimizers.SGD(schedule, momentum=0.875, weight_decay=WD),
+    }[name]()
+    rebuilt = {"adamw": gradtx.adam, "sgdw": gradtx.sgd}[name]
+    kwargs = {
+        "adamw": dict(beta_1=0.875, beta_2=1 - 2.0**-10, epsilon=2.0**-20),
+        "sgdw": dict(momentum=0.875),
+    }
+    tx = gradtx.with_weight_decay(rebuilt(gradtx.exponential_schedule(LR, 7, 0.5), **kwargs[name]), WD)
+    w0 = KERNELS["dense"]
+    variable, params = keras.Variable(w0), jnp.asarray(w0)
+    state, update = tx.init(params), jax.jit(tx.update)
+    rng = np.random.default_rng(2)
+    for t in range(30):
+        g = rng.normal(size=w0.shape).astype(np.float32)
+        keras_opt.apply([jnp.asarray(g)], [variable])
+        u, state = update(jnp.asarray(g), state, params)
+        params = gradtx.apply_updates(params, u)
+        np.testing.assert_allclose(params, np.asarray(variable.value), rtol=1e-6, atol=1e-6, err_msg=f"{t}")
+
+
+def test_with_weight_decay_keeps_one_learning_rate_that_set_hyperparams_changes():
+    tx = gradtx.with_weight_decay(gradtx.adam(0.1), 0.5)
+    state = tx.init(jnp.ones(2))
+    assert set(gradtx.hyperparams(state)) == {"learning_rate", "weight_decay", "beta_1", "beta_2", "epsilon"}
+    state = gradtx.set_hyperparams(state, learning_rate=0.0)
     u, _ = tx.update(jnp.ones(2), state, jnp.ones(2))
-    np.testing.assert_array_equal(u, 0.0)
+    np.testing.assert_array_equal(u, 0.0)  # neither the step nor the decay moved
+
+
+def test_with_weight_decay_mask_decays_only_the_selected_leaves():
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    tx = gradtx.with_weight_decay(gradtx.sgd(0.1), 0.5, mask=gradtx.weights_only)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    u, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(u["kernel"], -0.05)
+    np.testing.assert_array_equal(u["bias"], 0.0)
+
+
+def test_with_weight_decay_needs_an_inner_learning_rate():
+    with pytest.raises(ValueError, match="with_weight_decay: the state has no 'learning_rate'"):
+        gradtx.with_weight_decay(gradtx.scale_by_adam(), 0.1).init(jnp.ones(2))
+
+
+def test_decoupled_weight_decay_has_no_default_learning_rate():
+    # It used to default to 1.0, a decay 1/eta times too strong with no warning.
+    with pytest.raises(TypeError, match="learning_rate"):
+        gradtx.decoupled_weight_decay(0.1)
 
 
 # Dropout. Bounds: with n units and rate r the dropped count is Binomial(n, r), of standard deviation
