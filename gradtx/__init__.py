@@ -4,6 +4,7 @@ Optimizers, schedules and regularizers as pure ``(init, update)`` pairs composed
 update rules of the deep-learning course and numerics that agree with Keras 3.
 """
 
+from gradtx.adadelta import AdadeltaState, adadelta, scale_by_adadelta
 from gradtx.base import (
     ChainState,
     EmptyState,
@@ -68,6 +69,7 @@ from gradtx.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdadeltaState",
     "ChainState",
     "EarlyStopping",
     "EmptyState",
@@ -87,6 +89,7 @@ __all__ = [
     "SweepResult",
     "TrainResult",
     "Transformation",
+    "adadelta",
     "adagrad",
     "adam",
     "adamax",
@@ -136,6 +139,7 @@ __all__ = [
     "prune_by_magnitude",
     "reduce_on_plateau",
     "rmsprop",
+    "scale_by_adadelta",
     "scale_by_adagrad",
     "scale_by_adam",
     "scale_by_adamax",
