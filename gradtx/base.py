@@ -22,7 +22,7 @@ import jax.numpy as jnp
 Params = Any
 Updates = Any
 State = Any
-Schedule = Callable[[jax.Array], jax.Array]
+Schedule = Callable[[jax.Array], jax.Array]  # step -> value, with step = updates done so far (int32)
 
 MAX_STEP = int(jnp.iinfo(jnp.int32).max)
 
