@@ -56,13 +56,15 @@ def _in_scopes(scopes, make):
         return _in_scopes(scopes[1:], make)
 
 
-def run_step_by_step(keras_opt, tx, params, grads, *, jit: bool, rtol: float, atol: float = 0.0) -> dict:
+def run_step_by_step(
+    keras_opt, tx, params, grads, *, jit: bool, rtol: float, atol: float = 0.0, resolution: float = 100
+) -> dict:
     """Runs both optimizers over ``grads``; at every step checks, leaf by leaf,
     ``|ours - keras| <= rtol * (|theta_old| + |theta_new|) + atol`` (``theta + u`` rounds relative to
     its operands, so a bound relative to the result alone fails where theta crosses zero).
 
-    So that the check can fail, every leaf's largest Keras step must exceed the bound 100-fold at some
-    step (a step the bound would swallow is not compared at all). Returns the largest
+    So that the check can fail, every leaf's largest Keras step must exceed the bound ``resolution``-fold
+    (100) at some step (a step the bound would swallow is not compared at all). Returns the largest
     ``|ours - keras| / (|theta_old| + |theta_new|)`` seen, per path."""
     variables = keras_variables(params)
     paths = list(params)
@@ -92,7 +94,9 @@ def run_step_by_step(keras_opt, tx, params, grads, *, jit: bool, rtol: float, at
             resolved[path] = max(resolved[path], float(np.max(moved / np.maximum(bound, 1e-300))))
     assert int(keras_opt.iterations) == len(grads)
     for path, ratio in resolved.items():
-        assert ratio > 100, f"{path}: the steps ({ratio:.3g} x the bound at most) are too small to compare"
+        assert ratio > resolution, (
+            f"{path}: the steps ({ratio:.3g} x the bound at most) are too small to compare"
+        )
     return worst
 
 
@@ -164,3 +168,28 @@ def assert_same_arguments(factory, keras_class, own: set = frozenset(), extra: s
     keras_args = keras_own_arguments(keras_class, own)
     assert list(ours) == list(keras_args), (list(ours), list(keras_args))
     assert ours == keras_args
+
+
+def assert_vmap_matches_separate_runs(make, rates, shapes, steps=10, rtol=1e-6, atol=1e-7):
+    """The lanes of a run vmapped over the learning rate equal separate runs with each rate. Not bit
+    for bit: a vmapped reduction (a norm, a mean, a matmul) may sum in another order."""
+    params, grads = problem(shapes, steps, seed=3)
+    lanes, states = vmapped_run(make, rates, params, grads)
+    np.testing.assert_array_equal(gradtx.hyperparams(states)["learning_rate"], np.float32(rates))
+    for i, lr in enumerate(rates):
+        alone, _ = run(make(lr), params, grads)
+        for path in params:
+            np.testing.assert_allclose(lanes[path][i], alone[path], rtol=rtol, atol=atol, err_msg=path)
+
+
+def assert_bfloat16_params_keep_float32_state(tx, shapes=(("w", (4, 3)), ("b", (3,)))):
+    """With bfloat16 params the moments are float32 and the updates bfloat16."""
+    params = {path: jnp.ones(s, jnp.bfloat16) for path, s in shapes}
+    grads = {path: jnp.full(s, -0.5, jnp.bfloat16) for path, s in shapes}
+    state = tx.init(params)
+    assert state_float_dtypes(state) <= {jnp.dtype(jnp.float32)}, state_float_dtypes(state)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    assert state_float_dtypes(state) <= {jnp.dtype(jnp.float32)}, state_float_dtypes(state)
+    assert {u.dtype for u in updates.values()} == {jnp.dtype(jnp.bfloat16)}
+    assert all(np.all(np.isfinite(np.asarray(u, np.float32))) for u in updates.values())
+    return state
