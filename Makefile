@@ -1,11 +1,11 @@
-# Two commands: `make test` and `make demo`. Each sets up its own .venv from pyproject.toml.
+# Three commands: `make test`, `make demo` and `make docs`. Each sets up its own .venv from pyproject.toml.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export KERAS_BACKEND := jax
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(VENV)/.installed: pyproject.toml
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-test: lint
+# The API reference and the rendered notebooks, warnings as errors (about 10 s: `make test` builds it too).
+docs: $(VENV)/.installed
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+test: lint docs
 	$(PY) -m pytest -q -n 2 --durations=10 tests
 	$(PY) -m pytest -q -p no:randomly --nbmake notebooks
 
@@ -24,4 +28,4 @@ demo: $(VENV)/.installed
 	$(PY) experiments/optimizer_comparison/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache docs/_build docs/api docs/notebooks
