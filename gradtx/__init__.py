@@ -16,8 +16,10 @@ from gradtx.base import (
     step_count,
 )
 from gradtx.constraints import max_norm, min_max_norm, non_neg, unit_norm
+from gradtx.data import ShuffledBatches, shuffled_batches
 from gradtx.grouping import GroupedState, grouped
 from gradtx.hyper import Hyperparams, Range, hyperparam_ranges, hyperparams, set_hyperparams
+from gradtx.lion import LionState, lion, scale_by_lion
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
 from gradtx.plateau import PlateauState, current_learning_rate, plateau_scale, reduce_on_plateau
 from gradtx.pruning import (
@@ -30,6 +32,7 @@ from gradtx.pruning import (
     prune_by_magnitude,
     sparsity,
 )
+from gradtx.range_tests import RangeTest, lr_range_sweep, lr_range_test
 from gradtx.regularizers import (
     decoupled_weight_decay,
     dropout,
@@ -53,8 +56,8 @@ from gradtx.schedules import (
     piecewise_constant_schedule,
     power_schedule,
 )
-from gradtx.sweeps import RangeTest, SweepResult, compare, grid, lr_range_sweep, lr_range_test, sweep
-from gradtx.training import EarlyStopping, History, ShuffledBatches, TrainResult, fit, shuffled_batches
+from gradtx.sweeps import SweepResult, compare, grid, sweep
+from gradtx.training import EarlyStopping, History, StepOutputs, TrainResult, fit
 from gradtx.transforms import (
     add_decayed_weights,
     momentum,
@@ -76,6 +79,7 @@ __all__ = [
     "GroupedState",
     "History",
     "Hyperparams",
+    "LionState",
     "MaskedState",
     "PartitionState",
     "PlateauState",
@@ -86,6 +90,7 @@ __all__ = [
     "ShuffledBatches",
     "SparsityReport",
     "SparsitySchedule",
+    "StepOutputs",
     "SweepResult",
     "TrainResult",
     "Transformation",
@@ -120,6 +125,7 @@ __all__ = [
     "l2_penalty",
     "label_by_path",
     "linear_warmup",
+    "lion",
     "lr_range_sweep",
     "lr_range_test",
     "magnitude_pruning",
@@ -144,6 +150,7 @@ __all__ = [
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_learning_rate",
+    "scale_by_lion",
     "scale_by_nadam",
     "scale_by_rms",
     "set_hyperparams",

@@ -1,5 +1,4 @@
-"""Many trainings in one compiled program: hyperparameter sweeps, optimizer families side by side, and
-the learning-rate range test.
+"""Many trainings in one compiled program: hyperparameter sweeps and optimizer families side by side.
 
 A *configuration* is a dict of hyperparameters given to an optimizer factory, ``make_tx(**config)``.
 `sweep` trains all configurations of one factory with ``jax.vmap`` (every optimizer state holds its
@@ -17,6 +16,7 @@ import inspect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -25,18 +25,21 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradtx.base import Params, State, Transformation
-from gradtx.schedules import exponential_schedule
+from gradtx.checkpoints import Checkpoints
+from gradtx.data import Data
 from gradtx.training import (
-    Data,
     EarlyStopping,
     EvalFn,
+    Family,
     History,
     LossFn,
-    Member,
+    PopulationStep,
     TrainResult,
-    _cached,
-    _Program,
-    fit,
+    fingerprint,
+    histories,
+    initial_runs,
+    plan,
+    run_plan,
 )
 
 Configs = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
@@ -52,7 +55,16 @@ def grid(**axes: Sequence[Any]) -> dict[str, np.ndarray]:
     return {name: np.asarray([c[i] for c in combos]) for i, name in enumerate(axes)}
 
 
+_ORDER = "the order is (loss_fn, params, make_tx, configs, data, steps), as in gradtx.fit"
+
+
 def _as_configs(owner: str, configs: Configs) -> dict[str, np.ndarray]:
+    is_rows = isinstance(configs, Sequence) and all(isinstance(r, Mapping) for r in configs)
+    if not isinstance(configs, Mapping) and not is_rows:
+        raise ValueError(
+            f"{owner}: configs must be a dict of equally long sequences (see gradtx.grid) or a list of "
+            f"dicts, got {type(configs).__name__}; {_ORDER}"
+        )
     if isinstance(configs, Mapping):
         table = {name: np.asarray(v) for name, v in configs.items()}
     else:
@@ -76,7 +88,7 @@ def _as_configs(owner: str, configs: Configs) -> dict[str, np.ndarray]:
     if len(lengths) != 1 or -1 in lengths:
         raise ValueError(
             f"{owner}: every field needs one value per configuration, got lengths "
-            f"{ {k: (len(v) if v.ndim else 'scalar') for k, v in table.items()} }"
+            f"{ {k: (len(v) if v.ndim else 'scalar') for k, v in table.items()} }; {_ORDER}"
         )
     return table
 
@@ -85,6 +97,10 @@ def _check_factory(
     owner: str, make_tx: Callable[..., Transformation], configs: dict[str, np.ndarray]
 ) -> None:
     """Fails before compiling when the factory does not take a field, or rejects a value."""
+    if not callable(make_tx) or isinstance(make_tx, Transformation):
+        raise ValueError(
+            f"{owner}: make_tx must be a function config -> optimizer, got {make_tx!r}; {_ORDER}"
+        )
     fields = [k for k in configs if k != "seed"]
     try:
         parameters = inspect.signature(make_tx).parameters.values()
@@ -134,15 +150,25 @@ def _check_vmappable(
         )
 
 
+class WithoutSeed(NamedTuple):
+    """``make_tx(**config)`` with the reserved ``seed`` field left out: hashable, so that the compiled
+    program of a sweep is found again for the same factory."""
+
+    make_tx: Callable[..., Transformation]
+
+    def __call__(self, **config: Any) -> Transformation:
+        return self.make_tx(**{k: v for k, v in config.items() if k != "seed"})
+
+
+@partial(jax.jit, static_argnums=0)
+def _init_params(init: Callable[[jax.Array], Params], seeds: jax.Array) -> Params:
+    return jax.vmap(lambda seed: init(jax.random.PRNGKey(seed)))(seeds)
+
+
 def _stacked_params(params: ParamsOrInit, configs: dict[str, np.ndarray]) -> Params:
     k = len(next(iter(configs.values())))
     if callable(params):
-        seeds = configs.get("seed", np.zeros(k, np.int64))
-        # Kept like the training programs: a repeated sweep compiles nothing.
-        init = _cached(
-            ("params", params), lambda: jax.jit(jax.vmap(lambda seed: params(jax.random.PRNGKey(seed))))
-        )
-        return init(jnp.asarray(seeds))
+        return _init_params(params, jnp.asarray(configs.get("seed", np.zeros(k, np.int64))))
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *jnp.shape(x))), params)
 
 
@@ -159,17 +185,25 @@ def _config_sharding(mesh: Mesh | Sequence[jax.Device] | None) -> NamedSharding 
     return NamedSharding(Mesh(devices, ("configs",)), PartitionSpec("configs"))
 
 
+class _Member(NamedTuple):
+    family: Family
+    configs: dict[str, jax.Array] | None  # padded, on the devices
+    params: Params
+    sharding: NamedSharding | None
+    table: dict[str, np.ndarray] | None  # the configurations as given (no padding)
+
+
 def _member(
     owner: str,
     make_tx: Callable[..., Transformation],
     configs: Configs,
-    params,
+    params: ParamsOrInit,
     sharding: NamedSharding | None = None,
     group_size: int | None = None,
-) -> tuple[Member, dict[str, np.ndarray]]:
-    """The member and its configurations. With a ``sharding`` (or a ``group_size``), the configurations
-    are padded (the last one repeated) to a multiple of the number of devices (of the group size); a
-    sharding places them along the configuration axis."""
+) -> _Member:
+    """A vmapped family and its configurations. With a ``sharding`` (or a ``group_size``), the
+    configurations are padded (the last one repeated) to a multiple of the number of devices (of the
+    group size); a sharding places them along the configuration axis."""
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, int | np.integer) or group_size < 1:
             raise ValueError(f"{owner}: group_size must be a positive int or None, got {group_size!r}")
@@ -177,31 +211,22 @@ def _member(
             raise ValueError(f"{owner}: give group_size or mesh, not both (a mesh already splits the sweep)")
     table = _as_configs(owner, configs)
     _check_factory(owner, make_tx, table)
-
-    def build(**config):
-        return make_tx(**{k: v for k, v in config.items() if k != "seed"})
-
+    build = WithoutSeed(make_tx)
     k = len(next(iter(table.values())))
     multiple = sharding.mesh.size if sharding is not None else min(group_size or 1, k)
     extra = -k % multiple
     padded = {name: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for name, v in table.items()}
-    arrays, params = {k: jnp.asarray(v) for k, v in padded.items()}, _stacked_params(params, padded)
-    _check_vmappable(owner, build, padded, params)
+    arrays, stacked = {k: jnp.asarray(v) for k, v in padded.items()}, _stacked_params(params, padded)
+    _check_vmappable(owner, build, padded, stacked)
     if sharding is not None:
-        arrays, params = jax.device_put((arrays, params), sharding)
+        arrays, stacked = jax.device_put((arrays, stacked), sharding)
     group = None if group_size is None or group_size >= k else int(group_size)
-    return Member(build, arrays, params, sharding, group, identity=make_tx), table
+    return _Member(Family(build, True, group), arrays, stacked, sharding, table)
 
 
-def _sweep_result(configs: dict[str, np.ndarray], result: TrainResult) -> SweepResult:
-    """Drops the padding configurations (if any) from a vmapped result."""
-    k = len(next(iter(configs.values())))
-    params, state = jax.tree.map(lambda x: x[:k], (result.params, result.opt_state))
-    h = result.history
-    history = History(
-        h.loss[:k], {name: v[:k] for name, v in h.metrics.items()}, h.eval_step, h.steps_trained[:k]
-    )
-    return SweepResult(configs, params, state, history)
+def _plain(make: Transformation, params: ParamsOrInit) -> _Member:
+    p = params(jax.random.PRNGKey(0)) if callable(params) else params
+    return _Member(Family(make), None, p, None, None)
 
 
 @dataclass
@@ -217,8 +242,9 @@ class SweepResult:
         return len(next(iter(self.configs.values())))
 
     def rows(self) -> list[dict[str, float]]:
-        """One dict per configuration: its fields, the final training loss (mean of the last 5% of steps),
-        the final and best value of each metric, and the steps trained."""
+        """One dict per configuration: its fields, the final training loss (mean of the last 5% of
+        steps), the final value of each metric and its best (lowest and highest) finite value (NaN only
+        when every evaluation was NaN), and the steps trained."""
         loss = np.asarray(self.history.loss)
         tail = max(1, loss.shape[1] // 20)
         rows = []
@@ -226,21 +252,29 @@ class SweepResult:
             row: dict[str, float] = {k: v[i].item() for k, v in self.configs.items()}
             row["final_loss"] = float(loss[i, -tail:].mean())
             for name, values in self.history.metrics.items():
-                v = np.asarray(values[i])
-                row[f"final_{name}"], row[f"min_{name}"], row[f"max_{name}"] = (
-                    float(v[-1]),
-                    float(v.min()),
-                    float(v.max()),
-                )
+                v = np.asarray(values[i], np.float64)
+                finite = v[np.isfinite(v)]
+                row[f"final_{name}"] = float(v[-1])
+                row[f"min_{name}"] = float(finite.min()) if finite.size else float("nan")
+                row[f"max_{name}"] = float(finite.max()) if finite.size else float("nan")
             row["steps_trained"] = int(self.history.steps_trained[i])
             rows.append(row)
         return rows
 
     def best(self, key: str = "final_loss", mode: str = "min") -> dict[str, float]:
-        """The row with the lowest (``mode="min"``) or highest value of ``key``."""
+        """The row with the lowest (``mode="min"``) or highest finite value of ``key``; a ValueError
+        when no run has a finite one (every run diverged)."""
+        if mode not in ("min", "max"):
+            raise ValueError(f"SweepResult.best: mode must be 'min' or 'max', got {mode!r}")
         rows = self.rows()
-        values = [r[key] for r in rows]
-        return rows[int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))]
+        if key not in rows[0]:
+            raise ValueError(f"SweepResult.best: no column {key!r}; the columns are {list(rows[0])}")
+        values = np.asarray([r[key] for r in rows], np.float64)
+        finite = np.isfinite(values)
+        if not finite.any():
+            raise ValueError(f"SweepResult.best: every run has a non-finite {key} (all {len(rows)} diverged)")
+        sign = 1.0 if mode == "min" else -1.0
+        return rows[int(np.argmin(np.where(finite, sign * values, np.inf)))]
 
     def to_markdown(self, keys: Sequence[str] | None = None) -> str:
         rows = self.rows()
@@ -255,18 +289,83 @@ class SweepResult:
         return "\n".join(lines)
 
 
-def _run(
-    members, loss_fn, data, steps, key, eval_fn, eval_every, plateau_metric, early_stopping, chunks, progress
-):
-    program = _Program(loss_fn, members, data, steps, eval_fn, eval_every, plateau_metric, early_stopping)
-    return program.run(jax.random.PRNGKey(0) if key is None else key, chunks, progress)
+def _sweep_result(member: _Member, params: Params, opt_state: State, history: History) -> SweepResult:
+    """A family's result without its padding configurations."""
+    k = len(next(iter(member.table.values())))
+    cut = lambda x: x[:k]  # noqa: E731
+    history = History(
+        *[cut(x) for x in history[:-3]],
+        {name: cut(v) for name, v in history.metrics.items()},
+        history.eval_step,
+        cut(history.steps_trained),
+    )
+    return SweepResult(member.table, *jax.tree.map(cut, (params, opt_state)), history)
+
+
+def train_members(
+    owner: str,
+    members: Sequence[_Member],
+    loss_fn: LossFn,
+    data: Data,
+    steps: int,
+    *,
+    key: jax.Array | None,
+    eval_fn: EvalFn | None,
+    eval_every: int | None,
+    plateau_metric: str | None,
+    early_stopping: EarlyStopping | None,
+    chunks: int,
+    progress: bool,
+    checkpoint_dir: str | None,
+    population: PopulationStep | None = None,
+) -> list[SweepResult | TrainResult]:
+    """Trains the members side by side in one program (the engine of `sweep`, `compare` and the
+    searches); one result per member."""
+    families = tuple(m.family for m in members)
+    p, arrays = plan(
+        owner,
+        loss_fn,
+        data,
+        steps,
+        eval_fn,
+        eval_every,
+        plateau_metric,
+        early_stopping,
+        chunks,
+        families,
+        population,
+    )
+    key = jax.random.PRNGKey(0) if key is None else key
+    configs = tuple(m.configs for m in members)
+    params = tuple(m.params for m in members)
+    none = (None,) * len(members)
+    carry = initial_runs(owner, p, configs, params, none, tuple(m.sharding for m in members))
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(
+            checkpoint_dir, fingerprint(owner, p, configs, params, arrays, key, 0, none)
+        )
+    try:
+        carry, outputs = run_plan(p, carry, configs, key, arrays, 0, progress, checkpoints)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+    results: list[SweepResult | TrainResult] = []
+    for m, run, history in zip(members, carry, histories(p, carry, outputs, 0), strict=True):
+        restore = early_stopping is not None and early_stopping.restore_best_weights
+        final = run.stop.best_params if restore else run.params
+        if m.family.batched:
+            results.append(_sweep_result(m, final, run.opt_state, history))
+        else:
+            results.append(TrainResult(final, run.opt_state, history))
+    return results
 
 
 def sweep(
-    make_tx: Callable[..., Transformation],
-    configs: Configs,
     loss_fn: LossFn,
     params: ParamsOrInit,
+    make_tx: Callable[..., Transformation],
+    configs: Configs,
     data: Data,
     steps: int,
     *,
@@ -279,13 +378,16 @@ def sweep(
     progress: bool = False,
     mesh: Mesh | Sequence[jax.Device] | None = None,
     group_size: int | None = None,
+    checkpoint_dir: str | None = None,
 ) -> SweepResult:
     """Trains ``make_tx(**config)`` for every configuration in one vmapped, compiled program.
 
-    ``configs``: a dict of equally long sequences (see `grid`) or a list of dicts. ``params``: the
-    initial params shared by all runs, or a function ``key -> params`` called with ``PRNGKey(seed)``.
-    The other arguments are those of `gradtx.fit`; each configuration's result equals its own `fit`
-    to float rounding, and under ``early_stopping`` each configuration stops on its own.
+    The arguments come in `gradtx.fit`'s order, ``(loss_fn, params, optimizer, data, steps)``, with the
+    optimizer given as a factory and its configurations. ``configs``: a dict of equally long sequences
+    (see `grid`) or a list of dicts. ``params``: the initial params shared by all runs, or a function
+    ``key -> params`` called with ``PRNGKey(seed)``. The other arguments are those of `gradtx.fit`; each
+    configuration's result equals its own `fit` to float rounding, and under ``early_stopping`` each
+    configuration stops on its own. ``checkpoint_dir`` makes the sweep resumable, as in `gradtx.fit`.
 
     ``mesh`` (a `jax.sharding.Mesh` or a list of devices) splits the configurations over the devices:
     they are padded to a multiple of the device count (the padding is dropped from the result), and
@@ -300,27 +402,19 @@ def sweep(
     As in `gradtx.fit`, the compiled program is kept: calling again with the same ``make_tx`` object,
     ``loss_fn`` and options (other values of the same fields, other params or data) does not compile.
     """
-    member, table = _member("sweep", make_tx, configs, params, _config_sharding(mesh), group_size)
-    (result,) = _run(
-        [member],
-        loss_fn,
-        data,
-        steps,
-        key,
-        eval_fn,
-        eval_every,
-        plateau_metric,
-        early_stopping,
-        chunks,
-        progress,
-    )
-    return _sweep_result(table, result)
+    member = _member("sweep", make_tx, configs, params, _config_sharding(mesh), group_size)
+    (result,) = train_members(
+        "sweep", [member], loss_fn, data, steps, key=key, eval_fn=eval_fn, eval_every=eval_every,
+        plateau_metric=plateau_metric, early_stopping=early_stopping, chunks=chunks, progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )  # fmt: skip
+    return result
 
 
 def compare(
-    families: Mapping[str, Transformation | tuple[Callable[..., Transformation], Configs]],
     loss_fn: LossFn,
     params: ParamsOrInit,
+    families: Mapping[str, Transformation | tuple[Callable[..., Transformation], Configs]],
     data: Data,
     steps: int,
     *,
@@ -333,133 +427,34 @@ def compare(
     progress: bool = False,
     mesh: Mesh | Sequence[jax.Device] | None = None,
     group_size: int | None = None,
+    checkpoint_dir: str | None = None,
 ) -> dict[str, SweepResult | TrainResult]:
     """Trains several optimizer families side by side in one compiled program on the same batches.
 
     Each value of ``families`` is a `Transformation` (one run, a `TrainResult`) or a pair
     ``(make_tx, configs)`` (a vmapped sweep of that family, a `SweepResult`). States of different
     shapes are carried together as a tuple, so e.g. the nine optimizers of the course run in one
-    program: ``compare({"sgd": gradtx.sgd(0.01), "adam": gradtx.adam(1e-3), ...}, ...)``. With
-    ``mesh``, each sweep's configurations are split over the devices, and with ``group_size`` each
-    sweep trains its configurations that many at a time, as in `sweep`.
+    program: ``compare(loss_fn, params, {"sgd": gradtx.sgd(0.01), "adam": gradtx.adam(1e-3), ...},
+    data, steps)``. With ``mesh``, each sweep's configurations are split over the devices, and with
+    ``group_size`` each sweep trains its configurations that many at a time, as in `sweep`;
+    ``checkpoint_dir`` makes it resumable, as in `gradtx.fit`.
     """
-    if not families:
-        raise ValueError("compare: give at least one optimizer family")
-    members, tables = [], []
+    if not isinstance(families, Mapping) or not families:
+        raise ValueError(
+            "compare: families must be a non-empty dict {name: optimizer or (make_tx, configs)}, got "
+            f"{type(families).__name__} (the order is compare(loss_fn, params, families, data, steps))"
+        )
     sharding = _config_sharding(mesh)
+    members = []
     for name, family in families.items():
-        if isinstance(family, Transformation):
-            p = params(jax.random.PRNGKey(0)) if callable(params) else params
-            members.append(Member(lambda family=family: family, None, p, identity=family))
-            tables.append(None)
+        if isinstance(family, Transformation) or (hasattr(family, "init") and hasattr(family, "update")):
+            members.append(_plain(family, params))
         else:
             make_tx, configs = family
-            member, table = _member(f"compare[{name!r}]", make_tx, configs, params, sharding, group_size)
-            members.append(member)
-            tables.append(table)
-    results = _run(
-        members,
-        loss_fn,
-        data,
-        steps,
-        key,
-        eval_fn,
-        eval_every,
-        plateau_metric,
-        early_stopping,
-        chunks,
-        progress,
-    )
-    out: dict[str, SweepResult | TrainResult] = {}
-    for name, table, r in zip(families, tables, results, strict=True):
-        out[name] = r if table is None else _sweep_result(table, r)
-    return out
-
-
-class RangeTest(NamedTuple):
-    rates: np.ndarray  # the learning rate of each step (exponential test) or of each run (parallel)
-    losses: np.ndarray  # the loss at each rate
-    smoothed: np.ndarray  # losses smoothed (exponential test) or the same (parallel)
-    suggestion: float  # the suggested learning rate (see each function for the rule)
-
-
-def _smooth(losses: np.ndarray, beta: float = 0.98) -> np.ndarray:
-    # Bias-corrected exponential moving average, so the first steps are not pulled towards 0.
-    out, avg = np.empty_like(losses), 0.0
-    for t, x in enumerate(losses, start=1):
-        avg = beta * avg + (1 - beta) * x
-        out[t - 1] = avg / (1 - beta**t)
-    return out
-
-
-def lr_range_test(
-    make_tx: Callable[[Any], Transformation],
-    loss_fn: LossFn,
-    params: Params,
-    data: Data,
-    steps: int = 300,
-    min_lr: float = 1e-5,
-    max_lr: float = 10.0,
-    *,
-    key: jax.Array | None = None,
-) -> RangeTest:
-    """The course's learning-rate range test: train ``steps`` steps with the rate growing exponentially
-    from ``min_lr`` to ``max_lr`` (``make_tx(schedule)`` builds the optimizer), record the loss.
-
-    Rule for the suggestion: smooth the loss (bias-corrected moving average, 0.98), find the rate where
-    it is lowest (just before it shoots up), and suggest a rate 10 times lower, as the course advises.
-    Losses after the smoothed loss exceeds 4 times its minimum are reported as ``nan`` (diverged).
-    """
-    if not 0 < min_lr < max_lr:
-        raise ValueError(f"lr_range_test: needs 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-    if steps < 2:
-        raise ValueError(f"lr_range_test: steps must be >= 2, got {steps}")
-    schedule = exponential_schedule(min_lr, steps - 1, max_lr / min_lr)
-    rates = np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float64)
-    losses = np.asarray(
-        fit(loss_fn, params, make_tx(schedule), data, steps, key=key).history.loss, np.float64
-    )
-    smoothed = _smooth(losses)
-    finite = np.isfinite(smoothed)
-    lowest = int(np.nanargmin(np.where(finite, smoothed, np.inf)))
-    diverged = np.flatnonzero(~finite | ((np.arange(steps) > lowest) & (smoothed > 4 * smoothed[lowest])))
-    if diverged.size:
-        losses[diverged[0] :] = smoothed[diverged[0] :] = np.nan
-    return RangeTest(rates, losses, smoothed, float(rates[lowest] / 10))
-
-
-def lr_range_sweep(
-    make_tx: Callable[[Any], Transformation],
-    loss_fn: LossFn,
-    params: Params,
-    data: Data,
-    steps: int = 300,
-    rates: Sequence[float] | None = None,
-    *,
-    key: jax.Array | None = None,
-) -> RangeTest:
-    """The parallel range test: train one run per constant rate (default: 25 rates from 1e-5 to 10,
-    log-spaced) for ``steps`` steps, all at once with vmap, and record each run's final loss (the mean
-    over its last 10% of steps; ``nan`` or ``inf`` for a run that diverged).
-
-    Rule for the suggestion: the rate with the lowest final loss, i.e. the best constant rate for this
-    budget. Unlike the exponential test, each rate is judged after a full run, not after a few steps
-    at that rate, so no safety factor of 10 is applied.
-    """
-    rates = np.logspace(-5, 1, 25) if rates is None else np.asarray(rates, np.float64)
-    if rates.ndim != 1 or rates.size == 0 or np.any(rates <= 0):
-        raise ValueError(f"lr_range_sweep: rates must be a non-empty list of positive numbers, got {rates}")
-    result = sweep(
-        lambda learning_rate: make_tx(learning_rate),
-        {"learning_rate": rates},
-        loss_fn,
-        params,
-        data,
-        steps,
-        key=key,
-    )
-    loss = np.asarray(result.history.loss, np.float64)
-    final = loss[:, -max(1, steps // 10) :].mean(axis=1)
-    final = np.where(np.isfinite(final), final, np.nan)
-    best = int(np.nanargmin(final)) if np.isfinite(final).any() else 0
-    return RangeTest(rates, final, final, float(rates[best]))
+            members.append(_member(f"compare[{name!r}]", make_tx, configs, params, sharding, group_size))
+    results = train_members(
+        "compare", members, loss_fn, data, steps, key=key, eval_fn=eval_fn, eval_every=eval_every,
+        plateau_metric=plateau_metric, early_stopping=early_stopping, chunks=chunks, progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )  # fmt: skip
+    return dict(zip(families, results, strict=True))

@@ -1,23 +1,33 @@
-"""Training on the device: many steps inside one compiled `lax.scan`, for one run or many side by side.
+"""Training on the device: the logic of one run, written once, and the one place that vectorizes it.
 
-`fit` trains one run. `gradtx.sweeps` builds on the same engine to train many configurations (vmapped)
-and several optimizer families (a tuple of states) in one compiled program.
+One run is a small carry of arrays (`Run`: params, optimizer state, early-stopping state, the last
+evaluation) and three pure functions over it:
 
-The scan has two levels: the outer one runs *periods* of ``eval_every`` steps, the inner one the steps.
-Evaluation (``eval_fn``), the value fed to `reduce_on_plateau` and early stopping happen between periods,
-so no step pays for them and nothing branches on array values. Long runs are cut into chunks of periods,
-one compiled call each, with the carried params and optimizer state donated; progress is reported
-between chunks, never with a host round-trip per step.
+* `step` makes one update from one batch;
+* `end_period` evaluates after every ``period`` steps (``eval_every``), feeds early stopping and, at the
+  next step, `reduce_on_plateau`;
+* a *population step* (``Loop.population``, optional) runs after `end_period` and sees all the
+  configurations of a family at once: see `PopulationStep` for its contract.
+
+What the program does is a frozen, hashable `Loop` (functions, period, options); which optimizers it
+trains is a tuple of `Family` (an optimizer or a factory of one, and whether it has a configuration
+axis). `_across` is the only place that vectorizes a function of one run over a family's
+configurations (one vmap, or groups of vmaps in sequence). A compiled *chunk* is a `lax.scan` over
+periods of a `lax.scan` over steps; `jax.jit` with the loop and the families as static arguments is the
+cache of compiled chunks (a later call with the same functions and shapes does not compile;
+``jax.clear_caches()`` empties it). Between chunks the driver reports progress and, with
+``checkpoint_dir``, saves the carry (`gradtx.checkpoints`).
+
+Adding a per-step quantity to `History`: add a field to `StepOutputs` and compute it in `step`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import operator
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+import warnings
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -25,16 +35,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradtx.base import Params, State, Transformation, apply_updates
+from gradtx.base import Params, State, Transformation, apply_updates, step_count
+from gradtx.checkpoints import Checkpoints, digest
+from gradtx.data import Data, source
+from gradtx.plateau import PlateauState
 
 LossFn = Callable[[Params, Any], jax.Array]  # (params, batch) -> scalar loss
 EvalFn = Callable[[Params], Any]  # params -> scalar or dict of scalars
-Data = Any  # a pytree of arrays indexed by step along axis 0, or a function (step, key) -> batch
 
 
 class EarlyStopping(NamedTuple):
     """Stop a run (freeze its params and optimizer state) when ``metric`` has not improved by more
-    than ``min_delta`` for ``patience`` evaluations. Under a sweep each configuration stops on its own.
+    than ``min_delta`` for ``patience`` evaluations, as Keras's ``EarlyStopping`` callback: after each
+    evaluation ``wait`` counts the evaluations since the last improvement, and the run stops at an
+    evaluation that does not improve once ``wait >= patience`` (``patience=0``: at the first one that
+    does not improve; never at the first evaluation). Under a sweep each configuration stops on its own.
 
     ``restore_best_weights`` (Keras's option of the same name): the result's params are those of the
     evaluation with the best metric, whether or not the run stopped; the optimizer state is the last
@@ -46,474 +61,396 @@ class EarlyStopping(NamedTuple):
     mode: str = "min"
     restore_best_weights: bool = False
 
+    def check(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"early_stopping: mode must be 'min' or 'max', got {self.mode!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int | np.integer):
+            raise ValueError(f"early_stopping: patience must be an int >= 0, got {self.patience!r}")
+        if self.patience < 0:
+            raise ValueError(f"early_stopping: patience must be >= 0, got {self.patience}")
+        if (
+            not (isinstance(self.min_delta, int | float) and math.isfinite(self.min_delta))
+            or self.min_delta < 0
+        ):
+            raise ValueError(
+                f"early_stopping: min_delta must be a finite number >= 0, got {self.min_delta!r}"
+            )
 
-class History(NamedTuple):
-    loss: jax.Array  # (steps,): the training loss of each step's batch, before its update
-    metrics: dict[str, jax.Array]  # name -> (evaluations,): eval_fn after every eval_every steps
-    eval_step: jax.Array  # (evaluations,): steps done at each evaluation
-    steps_trained: jax.Array  # int32: updates applied (fewer than steps if stopped early)
+
+class StepOutputs(NamedTuple):
+    """What each step records in the `History` (one entry per step)."""
+
+    loss: jax.Array  # the training loss of the step's batch, before its update
+
+
+History = NamedTuple(
+    "History",
+    [
+        *[(name, jax.Array) for name in StepOutputs._fields],  # (steps,), or (configurations, steps)
+        ("metrics", dict),  # name -> (evaluations,): eval_fn after every eval_every steps
+        ("eval_step", jax.Array),  # (evaluations,): steps done at each evaluation
+        ("steps_trained", jax.Array),  # int32: updates applied (fewer than steps if stopped early)
+    ],
+)
+History.__doc__ = (
+    "A run's record: each field of `StepOutputs` per step (configuration axis first in a sweep), "
+    "``metrics`` per evaluation, ``eval_step`` and ``steps_trained``."
+)
 
 
 class TrainResult(NamedTuple):
+    """The result of `fit`: the final params, optimizer state and `History`."""
+
     params: Params
     opt_state: State
     history: History
 
 
-class _Stop(NamedTuple):  # early-stopping state of one run
-    best: jax.Array
-    wait: jax.Array
-    stopped: jax.Array
-    steps_trained: jax.Array
+class StopState(NamedTuple):
+    best: jax.Array  # float32: the best metric so far, negated for mode="max"
+    wait: jax.Array  # int32: evaluations since the last improvement
+    stopped: jax.Array  # bool
     best_params: Params  # the params at the best evaluation, or () without restore_best_weights
 
 
-@dataclass(frozen=True)
-class Member:
-    """One optimizer family in a program: ``make_tx(**config)`` per configuration (``configs`` is a dict
-    of arrays with a leading configuration axis), or one plain run when ``configs`` is None."""
+class Run(NamedTuple):
+    """The carry of one run: arrays only."""
 
-    make_tx: Callable[..., Transformation]
-    configs: Mapping[str, jax.Array] | None
-    params: Params  # stacked along axis 0 when configs is given
-    sharding: jax.sharding.Sharding | None = None  # of the configuration axis, when split over devices
-    group_size: int | None = None  # configurations vmapped together; groups run one after another
-    # What make_tx stands for across calls (the user's transformation or factory): a key of the cache
-    # of compiled programs. None: the program is compiled for this call only.
-    identity: Any = None
+    params: Params
+    opt_state: State
+    stop: StopState
+    metrics: dict[str, jax.Array]  # the last evaluation (zeros before the first)
+    fresh: jax.Array  # bool: an evaluation the next step has not fed to reduce_on_plateau yet
+    evaluations: jax.Array  # int32
+    steps_trained: jax.Array  # int32
 
 
-def _as_metrics(value: Any) -> dict[str, jax.Array]:
-    return dict(value) if isinstance(value, Mapping) else {"eval": value}
+# A population step: (runs of one family with the configuration axis first, that period's metrics
+# (name -> (k,)), a key, the period's index) -> runs of the same shapes and dtypes.
+PopulationStep = Callable[[Run, dict[str, jax.Array], jax.Array, jax.Array], Run]
 
 
-Prepare = Callable[[jax.Array, int, jax.Array, Any, Any], Callable[[jax.Array], Any]]
+class Loop(NamedTuple):
+    """What the program does (static and hashable: the key of its compiled chunks)."""
+
+    loss_fn: LossFn
+    eval_fn: EvalFn | None
+    period: int
+    plateau_metric: str | None
+    early_stopping: EarlyStopping | None
+    source: Any  # a spec of gradtx.data
+    # Called between periods on every family with configurations; must keep shapes and dtypes. It sees
+    # the runs after `end_period` (params, optimizer states with their hyperparameters, early-stopping
+    # state) and may compare them, copy one run into another (a gather) or change hyperparameters.
+    population: PopulationStep | None = None
 
 
-def _batch_source(data: Data) -> tuple[Prepare, Any, tuple]:
-    """``(prepare, arrays, kind)``: ``prepare(first_step, num_steps, key, arrays, seeds) -> batch_at(step)``
-    is called once per compiled chunk, outside the scan, so that per-epoch work (a shuffle) is not repeated
-    at every step. ``arrays`` (the data's arrays) are an argument of the compiled chunk, not constants
-    closed over: embedded in the program, a large data set made compilation slower with its size.
-    ``kind`` says what ``prepare`` depends on besides the arrays (a key of the program cache)."""
-    if isinstance(data, ShuffledBatches):
-        kind = ("shuffled", data.batch_size, data.per_seed)
-        return partial(_shuffled_prepare, data.batch_size), data.data, kind
-    if callable(data):
-        return partial(_function_prepare, data), (), ("function", data)
-    leaves = jax.tree.leaves(data)
-    if not leaves:
-        raise ValueError("data: the batch tree is empty")
-    lengths = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
-    if len(lengths) != 1 or None in lengths:
-        shapes = jax.tree.map(np.shape, data)
-        raise ValueError(
-            f"data: every array must have the same number of batches along axis 0, got shapes {shapes}"
-        )
-    return _indexed_prepare, data, ("arrays",)
+class Family(NamedTuple):
+    """One optimizer family of a program (static and hashable): ``make_tx`` is a `Transformation`
+    (``batched=False``: one plain run) or a factory ``make_tx(**config)`` vmapped over configurations,
+    ``group_size`` of them at a time when given."""
+
+    make_tx: Any
+    batched: bool = False
+    group_size: int | None = None
+
+    def build(self, config: dict | None) -> Transformation:
+        return self.make_tx(**config) if self.batched else self.make_tx
 
 
-def _function_prepare(fn, first_step, num_steps, key, arrays, seeds=None):
-    return lambda step: fn(step, jax.random.fold_in(key, step))
+# --- one run -------------------------------------------------------------------------------------------
 
 
-def _indexed_prepare(first_step, num_steps, key, arrays, seeds=None):
-    # Step i uses batch i % n, so pre-batched data of one epoch can be trained on for several epochs.
-    n = jax.tree.leaves(arrays)[0].shape[0]
-    return lambda step: jax.tree.map(lambda x: x[step % n], arrays)
+def _conj_complex(grads: Any) -> Any:
+    # For a real loss of complex params, jax.grad returns the conjugate of the descent direction;
+    # optax's convention (which gradtx follows) is that optimizers receive its conjugate.
+    return jax.tree.map(lambda g: jnp.conj(g) if jnp.iscomplexobj(g) else g, grads)
 
 
-def _shuffled_prepare(batch_size: int, first_step, num_steps: int, key, data, seeds=None):
-    """With ``seeds`` (a configuration's seeds, shape (k,), given for a ``per_seed`` source), each
-    configuration shuffles with ``fold_in(key, seed)`` and ``batch_at`` returns batches with a leading
-    (k,) axis.
-    The permutations of the chunk's epochs are drawn here, once, not at every step."""
-    n = jax.tree.leaves(data)[0].shape[0]
-    per_epoch = n // batch_size
-    first_epoch = first_step // per_epoch
-    epochs = first_epoch + jnp.arange(num_steps // per_epoch + 2)  # covers the chunk's steps
-
-    def orders(key):  # (epochs, n)
-        return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(epochs)
-
-    def batch(order, step):
-        index = jax.lax.dynamic_slice_in_dim(order, (step % per_epoch) * batch_size, batch_size)
-        return jax.tree.map(lambda x: x[index], data)
-
-    if seeds is not None:
-        table = jax.vmap(lambda seed: orders(jax.random.fold_in(key, seed)))(seeds)  # (k, epochs, n)
-        return lambda step: jax.vmap(batch, (0, None))(table[:, step // per_epoch - first_epoch], step)
-    table = orders(key)
-    return lambda step: batch(table[step // per_epoch - first_epoch], step)
+def _select(flag: jax.Array, old: Any, new: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), old, new)
 
 
-class ShuffledBatches:
-    """Minibatches of ``data`` (a pytree of arrays with the examples along axis 0), reshuffled every
-    epoch from the run's key: step ``i`` is batch ``i % (n // batch_size)`` of epoch ``i // (n //
-    batch_size)``. The last ``n % batch_size`` examples of each shuffled epoch are left out.
-    ``per_epoch`` (the number of batches per epoch) is the ``eval_every`` of once-per-epoch evaluation.
-
-    Each compiled chunk draws the permutations of the epochs it spans once, before its steps, because
-    a permutation per step would cost more than the step itself on small models.
-
-    In a sweep every configuration sees the same batches (one gather serves them all), unless
-    ``per_seed``: then a configuration with a ``seed`` field shuffles with ``fold_in(key, seed)``, as
-    separate runs with their own seeds would (its run equals ``fit(..., key=fold_in(key, seed))``).
-    """
-
-    def __init__(self, data: Any, batch_size: int, per_seed: bool = False):
-        sizes = {np.shape(x)[0] if np.ndim(x) else 0 for x in jax.tree.leaves(data)}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"shuffled_batches: the arrays hold different numbers of examples: {sorted(sizes)}"
-            )
-        (self.n,) = sizes
-        if not 0 < batch_size <= self.n:
-            raise ValueError(f"shuffled_batches: batch_size must be in [1, {self.n}], got {batch_size}")
-        self.data, self.batch_size, self.per_epoch = data, batch_size, self.n // batch_size
-        self.per_seed = bool(per_seed)
-
-    def prepare(
-        self, first_step: jax.Array, num_steps: int, key: jax.Array, data: Any = None
-    ) -> Callable[[jax.Array], Any]:
-        """``batch_at(step)`` for the steps ``first_step ..`` of one chunk; ``data`` (default: this
-        source's arrays) lets a compiled caller pass the arrays in as an argument."""
-        return _shuffled_prepare(
-            self.batch_size, first_step, num_steps, key, self.data if data is None else data
-        )
-
-
-def shuffled_batches(data: Any, batch_size: int, per_seed: bool = False) -> ShuffledBatches:
-    """A batch source for `fit` and the sweeps: see `ShuffledBatches`."""
-    return ShuffledBatches(data, batch_size, per_seed)
-
-
-def _maybe_vmap(fn: Callable, batched: bool, in_axes: tuple) -> Callable:
-    return jax.vmap(fn, in_axes=in_axes) if batched else fn
-
-
-def _where(flag: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(flag, b, a) if a is not None else a, new, old)
-
-
-# Compiled training chunks and optimizer inits of recent calls, by `_Program._cache_key` (and the
-# member's identity for inits): a loop of `fit` calls with the same functions (seeds, data) compiles
-# once. Least recently used first.
-_COMPILED: OrderedDict[tuple, Callable] = OrderedDict()
-_CACHE_SIZE = 32
-
-
-def _cached(key: tuple | None, make: Callable[[], Callable]) -> Callable:
-    """``make()``, kept in `_COMPILED` under ``key`` (None, or a key with an unhashable part: not kept)."""
-    try:
-        hash(key)
-    except TypeError:
-        key = None
-    if key is not None and key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key]
-    fn = make()
-    if key is not None:
-        _COMPILED[key] = fn
-        if len(_COMPILED) > _CACHE_SIZE:
-            _COMPILED.popitem(last=False)
-    return fn
-
-
-def _compiled_init(m: Member) -> Callable:
-    """The jitted ``init`` of a member's optimizer (vmapped over its configurations), kept like the
-    training chunks so that a repeated call compiles nothing."""
-    batched, make_tx = m.configs is not None, m.make_tx
-
-    def make():
-        def init(config, params):
-            return (make_tx(**config) if config is not None else make_tx()).init(params)
-
-        return jax.jit(_maybe_vmap(init, batched, (0, 0)))
-
-    key = (
-        None if m.identity is None else ("init", m.identity, None if m.configs is None else tuple(m.configs))
+def step(loop: Loop, tx: Transformation, run: Run, batch: Any) -> tuple[Run, StepOutputs]:
+    """One update of one run. A run stopped early stays as it is."""
+    # allow_int: integer leaves (step counters, RNG keys in a model's state) get float0 gradients,
+    # which every gradtx transformation passes through untouched.
+    loss, grads = jax.value_and_grad(loop.loss_fn, allow_int=True)(run.params, batch)
+    extra = {}
+    if loop.plateau_metric is not None:
+        extra = {"value": run.metrics[loop.plateau_metric], "measured": run.fresh}
+    updates, opt_state = tx.update(_conj_complex(grads), run.opt_state, run.params, **extra)
+    new = run._replace(
+        params=apply_updates(run.params, updates),
+        opt_state=opt_state,
+        fresh=jnp.zeros_like(run.fresh),
+        steps_trained=run.steps_trained + 1,
     )
-    return _cached(key, make)
+    if loop.early_stopping is not None:  # nothing can stop without it: spare the selects
+        new = _select(run.stop.stopped, run, new)
+    return new, StepOutputs(loss=loss)
 
 
-class _Program:
-    """The compiled training program for a list of members sharing data, steps and evaluation."""
+def _metrics(loop: Loop, params: Params) -> dict[str, jax.Array]:
+    value = loop.eval_fn(params)
+    value = dict(value) if isinstance(value, Mapping) else {"eval": value}
+    return {k: jnp.asarray(v, jnp.float32) for k, v in value.items()}
 
-    def __init__(
-        self,
-        loss_fn: LossFn,
-        members: Sequence[Member],
-        data: Data,
-        steps: int,
-        eval_fn: EvalFn | None,
-        eval_every: int | None,
-        plateau_metric: str | None,
-        early_stopping: EarlyStopping | None,
-    ):
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if eval_fn is None and (plateau_metric or early_stopping):
-            raise ValueError("plateau_metric and early_stopping need an eval_fn that computes the metric")
-        if eval_fn is not None:
-            eval_every = eval_every or steps
-            if eval_every < 1 or steps % eval_every:
-                raise ValueError(f"eval_every must divide steps={steps}, got eval_every={eval_every}")
-        if early_stopping is not None and early_stopping.mode not in ("min", "max"):
-            raise ValueError(f"early_stopping: mode must be 'min' or 'max', got {early_stopping.mode!r}")
-        self.loss_fn, self.members, self.steps = loss_fn, list(members), steps
-        self.prepare_batches, self.data_arrays, self.data_kind = _batch_source(data)
-        self.per_seed = isinstance(data, ShuffledBatches) and data.per_seed
-        self.eval_fn, self.plateau_metric, self.early_stopping = eval_fn, plateau_metric, early_stopping
-        self.period = eval_every if eval_fn is not None else None
 
-    # --- one run (vmapped over configurations where a member has them) ---------------------------------
-
-    def _metric_names(self, params: Params) -> list[str]:
-        shapes = jax.eval_shape(lambda p: _as_metrics(self.eval_fn(p)), params)
-        for name, s in shapes.items():
-            if s.shape != ():
-                raise ValueError(f"eval_fn: metric {name!r} must be a scalar, got shape {s.shape}")
-        for needed in filter(None, [self.plateau_metric, self.early_stopping and self.early_stopping.metric]):
-            if needed not in shapes:
-                raise ValueError(f"eval_fn returns {sorted(shapes)}, which has no metric {needed!r}")
-        return sorted(shapes)
-
-    def _step(self, member: Member, config, params, state, stop: _Stop, batch, extra):
-        tx = member.make_tx(**config) if member.configs is not None else member.make_tx()
-        # allow_int: integer leaves (step counters, RNG keys in a model's state) get float0 gradients,
-        # which every gradtx transformation passes through untouched.
-        loss, grads = jax.value_and_grad(self.loss_fn, allow_int=True)(params, batch)
-        updates, new_state = tx.update(grads, state, params, **extra)
-        new_params = apply_updates(params, updates)
-        if self.early_stopping is None:  # nothing can stop: spare the selects
-            return new_params, new_state, stop._replace(steps_trained=stop.steps_trained + 1), loss
-        frozen = stop.stopped
-        stop = stop._replace(steps_trained=stop.steps_trained + jnp.where(frozen, 0, 1))
-        return _where(frozen, new_params, params), _where(frozen, new_state, state), stop, loss
-
-    def _observe(self, stop: _Stop, metrics: dict[str, jax.Array], params: Params) -> _Stop:
-        rule = self.early_stopping
-        if rule is None:
-            return stop
+def end_period(loop: Loop, run: Run) -> tuple[Run, dict[str, jax.Array]]:
+    """Evaluation after a period, and early stopping's bookkeeping (Keras's rule, see `EarlyStopping`)."""
+    metrics = _metrics(loop, run.params)
+    stop, rule = run.stop, loop.early_stopping
+    if rule is not None:
         v = metrics[rule.metric] * (1.0 if rule.mode == "min" else -1.0)
         improved = v < stop.best - rule.min_delta
         wait = jnp.where(improved, 0, stop.wait + 1)
-        return _Stop(
-            best=jnp.where(improved, v, stop.best),
-            wait=wait,
-            stopped=stop.stopped | (wait >= rule.patience),
-            steps_trained=stop.steps_trained,
-            best_params=jax.tree.map(lambda new, old: jnp.where(improved, new, old), params, stop.best_params)
-            if rule.restore_best_weights
-            else stop.best_params,
-        )
+        stop_now = ~improved & (wait >= rule.patience) & (run.evaluations > 0)
+        best_params = stop.best_params
+        if rule.restore_best_weights:
+            best_params = _select(improved, run.params, stop.best_params)
+        stop = StopState(jnp.where(improved, v, stop.best), wait, stop.stopped | stop_now, best_params)
+    run = run._replace(
+        metrics=metrics, fresh=jnp.ones_like(run.fresh), evaluations=run.evaluations + 1, stop=stop
+    )
+    return run, metrics
 
-    # --- the program ------------------------------------------------------------------------------------
 
-    def initial_carry(self) -> tuple:
-        carry = []
-        for m in self.members:
-            batched = m.configs is not None
-            state = _compiled_init(m)(m.configs, m.params)
-            k = len(next(iter(m.configs.values()))) if batched else None
-            shape = (k,) if batched else ()
-            restore = self.early_stopping is not None and self.early_stopping.restore_best_weights
-            stop = _Stop(
-                jnp.full(shape, jnp.inf, jnp.float32),
-                jnp.zeros(shape, jnp.int32),
-                jnp.zeros(shape, bool),
-                jnp.zeros(shape, jnp.int32),
-                m.params if restore else (),  # copied below with the rest of the carry
-            )
-            metrics = {}
-            if self.eval_fn is not None:
-                single = jax.tree.map(lambda x: x[0], m.params) if batched else m.params
-                metrics = {name: jnp.zeros(shape, jnp.float32) for name in self._metric_names(single)}
-            # A copy, because the carry is donated: the caller's params stay valid.
-            member_carry = jax.tree.map(jnp.copy, (m.params, state, stop, metrics))
-            if m.sharding is not None:
-                # Everything in a sweep's carry has the configuration axis first; zeros made inside
-                # init are not tied to the params' sharding by XLA, so place them explicitly.
-                member_carry = jax.device_put(member_carry, m.sharding)
-            carry.append(member_carry)
-        return tuple(carry)
+def new_run(loop: Loop, params: Params, opt_state: State, metric_shapes: dict) -> Run:
+    """The carry of a run that has not started (params and state copied: the carry is donated)."""
+    restore = loop.early_stopping is not None and loop.early_stopping.restore_best_weights
+    stop = StopState(
+        jnp.asarray(jnp.inf, jnp.float32),
+        jnp.zeros([], jnp.int32),
+        jnp.zeros([], bool),
+        params if restore else (),
+    )
+    metrics = {name: jnp.zeros([], jnp.float32) for name in metric_shapes}
+    zero = jnp.zeros([], jnp.int32)
+    return Run(params, opt_state, stop, metrics, jnp.zeros([], bool), zero, zero)
 
-    def run_periods(
-        self,
-        num_steps: int,
-        period: int,
-        carry: tuple,
-        key: jax.Array,
-        first_step: jax.Array,
-        arrays: Any,
-        configs: tuple,
-    ):
-        """Runs ``num_steps`` steps from ``first_step`` in periods of ``period`` steps (traced).
 
-        Members without a ``group_size`` step together in one scan over the steps. A member with one
-        runs its configurations ``group_size`` at a time: a `lax.map` over the groups, each group a
-        vmapped scan over all the steps (on a CPU, small groups beat one wide vmap)."""
-        # The configurations come in as an argument, like the data: a cached program keeps neither.
-        self = copy.copy(self)
-        self.members = [replace(m, configs=c) for m, c in zip(self.members, configs, strict=True)]
+# --- the one place that vectorizes ------------------------------------------------------------------------
 
-        def batches_for(m: Member) -> tuple[Callable[[jax.Array], Any], bool]:
-            """A member's ``batch_at`` and whether its batches have a configuration axis (a per-seed
-            source and a member with seeds)."""
-            seeds = m.configs.get("seed") if self.per_seed and m.configs is not None else None
-            return self.prepare_batches(first_step, num_steps, key, arrays, seeds), seeds is not None
 
-        together = [i for i, m in enumerate(self.members) if m.group_size is None]
-        new_carry, losses, evaluated = list(carry), [None] * len(carry), [None] * len(carry)
-        if together:
-            members, member_carry = [self.members[i] for i in together], [carry[i] for i in together]
-            c, (l, e) = self._scan_periods(members, member_carry, batches_for, first_step, num_steps, period)
-            for j, i in enumerate(together):
-                new_carry[i], losses[i], evaluated[i] = c[j], l[j], e[j] if e else None
-        for i, m in enumerate(self.members):
-            if m.group_size is not None:
-                new_carry[i], losses[i], evaluated[i] = self._grouped_periods(
-                    m, carry[i], batches_for, first_step, num_steps, period
-                )
-        out_metrics = tuple(evaluated) if self.eval_fn is not None else ()
-        return tuple(new_carry), (tuple(losses), out_metrics)
+def _across(family: Family, fn: Callable, in_axes: tuple) -> Callable:
+    """``fn`` of one run, made a function of the family's runs: itself for a plain run, a vmap over the
+    configuration axis (axis 0 of the arguments whose ``in_axes`` is 0), or, with a ``group_size``,
+    a `lax.map` over groups of that many vmapped configurations (on a CPU, small groups beat one wide
+    vmap). Outputs have the configuration axis first."""
+    if not family.batched:
+        return fn
+    vmapped = jax.vmap(fn, in_axes=in_axes)
+    if family.group_size is None:
+        return vmapped
 
-    def _grouped_periods(self, m: Member, carry, batches_for, first_step, num_steps: int, period: int):
-        n, k = len(next(iter(m.configs.values()))), m.group_size
-        split = lambda x: x.reshape(n // k, k, *x.shape[1:])  # noqa: E731
+    def grouped(*args):
+        # The leaves with a configuration axis, in groups; the others are shared by every group.
+        mapped = [_leaves_with_axis(axis, arg) for axis, arg in zip(in_axes, args, strict=True)]
+        leaves = [
+            leaf
+            for flags, arg in zip(mapped, args, strict=True)
+            for leaf, f in zip(jax.tree.leaves(arg), flags)
+            if f
+        ]
+        n, k = leaves[0].shape[0], family.group_size
 
         def one_group(group):
-            configs, member_carry = group
-            member = replace(m, configs=configs, group_size=None)
-            c, (l, e) = self._scan_periods(
-                [member], [member_carry], batches_for, first_step, num_steps, period
-            )
-            return c[0], (l[0], e[0] if e else {})
+            group, rebuilt = list(group), []
+            for flags, arg in zip(mapped, args, strict=True):
+                flat, treedef = jax.tree.flatten(arg)
+                rebuilt.append(treedef.unflatten([group.pop(0) if f else x for x, f in zip(flat, flags)]))
+            return vmapped(*rebuilt)
 
-        carry, (loss, metrics) = jax.lax.map(one_group, jax.tree.map(split, (m.configs, carry)))
-        # Back to the layout of the members stepped together: configurations last, in order.
-        carry = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), carry)
-        loss = jnp.moveaxis(loss, 0, -2).reshape(*loss.shape[1:-1], n)
-        metrics = {name: jnp.moveaxis(v, 0, -2).reshape(*v.shape[1:-1], n) for name, v in metrics.items()}
-        return carry, loss, metrics
+        out = jax.lax.map(one_group, [x.reshape(n // k, k, *x.shape[1:]) for x in leaves])
+        return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
-    def _scan_periods(self, members, carry, batches_for, first_step, num_steps: int, period: int):
-        """``members`` stepped together on the same batches: a scan over periods of a scan over steps."""
+    return grouped
 
-        sources = [batches_for(m) for m in members]  # outside the scans: a shuffle is drawn once
 
-        def one_step(carry, step):
-            new, losses = [], []
-            for m, (params, state, stop, metrics), (source, per_config) in zip(
-                members, carry, sources, strict=True
-            ):
-                batch = source(step)
-                extra = {}
-                if self.plateau_metric is not None:
-                    # The last evaluation is fed once, at the first step of the next period.
-                    value = metrics[self.plateau_metric]
-                    measured = (step % period == 0) & (step > 0)
-                    extra = {"value": value, "measured": jnp.broadcast_to(measured, value.shape)}
-                fn = _maybe_vmap(
-                    lambda c, p, s, st, b, e, m=m: self._step(m, c, p, s, st, b, e),
-                    m.configs is not None,
-                    (0, 0, 0, 0, 0 if per_config else None, 0),
+def _leaves_with_axis(axis: Any, arg: Any) -> list[bool]:
+    """For each leaf of ``arg``: whether ``axis`` (0, None, or a tuple of them matching a tuple ``arg``)
+    gives it a configuration axis."""
+    if isinstance(axis, tuple):
+        return [f for a, x in zip(axis, arg, strict=True) for f in _leaves_with_axis(a, x)]
+    return [axis == 0] * len(jax.tree.leaves(arg))
+
+
+def _seeds(loop: Loop, family: Family, config: Any) -> jax.Array | None:
+    """A family's seeds when its batches are shuffled per seed (then each configuration has its own)."""
+    if loop.source.per_seed and family.batched and "seed" in config:
+        return config["seed"]
+    return None
+
+
+@partial(jax.jit, static_argnames=("loop", "families", "num_periods"), donate_argnames=("carry",))
+def _chunk(loop: Loop, families: tuple, num_periods: int, carry, configs, key, first_step, arrays):
+    """``num_periods`` periods of every family from ``first_step``: ``(carry, (step outputs, metrics))``
+    with outputs stacked ``(periods, [configurations,] period)`` and ``(periods, [configurations])``."""
+    num_steps = num_periods * loop.period
+    tables = [
+        loop.source.tables(first_step, num_steps, key, arrays, _seeds(loop, f, c))
+        for f, c in zip(families, configs, strict=True)
+    ]
+
+    def one_period(carry, index):
+        start = first_step + index * loop.period
+        new_carry, outputs = [], []
+        for family, config, run, table in zip(families, configs, carry, tables, strict=True):
+
+            def period_of_one(config, run, table, family=family):
+                tx = family.build(config)
+                run, out = jax.lax.scan(
+                    lambda r, s: step(loop, tx, r, loop.source.batch(table, arrays, s)),
+                    run,
+                    start + jnp.arange(loop.period),
                 )
-                params, state, stop, loss = fn(m.configs, params, state, stop, batch, extra)
-                new.append((params, state, stop, metrics))
-                losses.append(loss)
-            return tuple(new), tuple(losses)
+                metrics = {}
+                if loop.eval_fn is not None:
+                    run, metrics = end_period(loop, run)
+                return run, (out, metrics)
 
-        def one_period(carry, start):
-            carry, losses = jax.lax.scan(one_step, carry, start + jnp.arange(period))
-            if self.eval_fn is None:
-                return carry, (losses, ())
-            new, evaluated = [], []
-            for m, (params, state, stop, _) in zip(members, carry, strict=True):
-                batched = m.configs is not None
-                metrics = _maybe_vmap(lambda p: _as_metrics(self.eval_fn(p)), batched, (0,))(params)
-                metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-                stop = _maybe_vmap(self._observe, batched, (0, 0, 0))(stop, metrics, params)
-                new.append((params, state, stop, metrics))
-                evaluated.append(metrics)
-            return tuple(new), (losses, tuple(evaluated))
+            # A per-seed shuffle has a table per configuration: (orders, first_epoch).
+            table_axes = (0, None) if _seeds(loop, family, config) is not None else None
+            run, (out, metrics) = _across(family, period_of_one, (0, 0, table_axes))(config, run, table)
+            if loop.population is not None and family.batched:
+                period_key = jax.random.fold_in(jax.random.fold_in(key, 1), start // loop.period)
+                run = loop.population(run, metrics, period_key, start // loop.period)
+            new_carry.append(run)
+            outputs.append((out, metrics))
+        return tuple(new_carry), tuple(outputs)
 
-        starts = first_step + period * jnp.arange(num_steps // period)
-        return jax.lax.scan(one_period, tuple(carry), starts)
+    return jax.lax.scan(one_period, tuple(carry), jnp.arange(num_periods))
 
-    def run(self, key: jax.Array, chunks: int, progress: bool) -> list[TrainResult]:
-        period = self.period or math.gcd(self.steps, max(1, -(-self.steps // chunks)))
-        periods = self.steps // period
-        per_chunk = -(-periods // max(1, min(chunks, periods)))
-        compiled = {}
-        configs = tuple(m.configs for m in self.members)
 
-        def chunk_fn(n_periods):
-            if n_periods not in compiled:
-                compiled[n_periods] = self._compiled_chunk(n_periods * period, period)
-            return compiled[n_periods]
+# --- the driver ------------------------------------------------------------------------------------------
 
-        carry = self.initial_carry()
-        outputs, done, started = [], 0, time.perf_counter()
-        bar = _progress_bar(self.steps) if progress else None
-        while done < periods:
-            n = min(per_chunk, periods - done)
-            carry, out = chunk_fn(n)(
-                carry, key, jnp.asarray(done * period, jnp.int32), self.data_arrays, configs
-            )
-            outputs.append(out)
-            done += n
-            if bar is not None:
-                jax.block_until_ready(carry)
-                bar(done * period, time.perf_counter() - started, out)
-        return self._results(carry, outputs)
 
-    def _cache_key(self, num_steps: int, period: int) -> tuple | None:
-        """What the compiled chunk depends on besides its arguments' shapes, or None when a member has
-        no identity: the program is then compiled for this call only."""
-        members = tuple(
-            (m.identity, None if m.configs is None else tuple(m.configs), m.group_size) for m in self.members
+def positive_int(owner: str, name: str, value: Any) -> int:
+    """``value`` as a Python int >= 1 (a Python or NumPy/JAX integer scalar), else a ValueError."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1, got {number}")
+    return number
+
+
+class Plan(NamedTuple):
+    loop: Loop
+    families: tuple[Family, ...]
+    steps: int
+    chunks: int
+
+
+def plan(
+    owner: str,
+    loss_fn: LossFn,
+    data: Data,
+    steps: Any,
+    eval_fn: EvalFn | None,
+    eval_every: Any,
+    plateau_metric: str | None,
+    early_stopping: EarlyStopping | None,
+    chunks: Any,
+    families: tuple[Family, ...],
+    population: PopulationStep | None = None,
+) -> tuple[Plan, Any]:
+    """The checked description of a training call and the data's arrays."""
+    steps = positive_int(owner, "steps", steps)
+    chunks = positive_int(owner, "chunks", chunks)
+    if eval_fn is None and (plateau_metric or early_stopping):
+        raise ValueError(
+            f"{owner}: plateau_metric and early_stopping need an eval_fn that computes the metric"
         )
-        key = (
-            self.loss_fn, self.eval_fn, self.plateau_metric, self.early_stopping, self.data_kind,
-            members, num_steps, period,
-        )  # fmt: skip
-        return None if any(m.identity is None for m in self.members) else key
+    if eval_fn is None and eval_every is not None:
+        raise ValueError(f"{owner}: eval_every={eval_every!r} has no effect without an eval_fn")
+    if eval_fn is not None:
+        period = steps if eval_every is None else positive_int(owner, "eval_every", eval_every)
+        if steps % period:
+            raise ValueError(f"{owner}: eval_every must divide steps={steps}, got eval_every={period}")
+    else:
+        period = math.gcd(steps, max(1, -(-steps // chunks)))
+    if early_stopping is not None:
+        if not isinstance(early_stopping, EarlyStopping):
+            raise ValueError(
+                f"{owner}: early_stopping must be a gradtx.EarlyStopping, got {early_stopping!r}"
+            )
+        early_stopping.check()
+    spec, arrays = source(data)
+    loop = Loop(loss_fn, eval_fn, period, plateau_metric, early_stopping, spec, population)
+    return Plan(loop, families, steps, chunks), arrays
 
-    def _compiled_chunk(self, num_steps: int, period: int) -> Callable:
-        """The jitted, donated chunk ``(carry, key, first_step, arrays, configs) -> (carry, outputs)``,
-        shared by later calls with the same functions (as `jax.jit` shares its compilations); the cached
-        program holds none of this call's arrays."""
 
-        def make():
-            spec = copy.copy(self)
-            spec.data_arrays = None
-            spec.members = [replace(m, params=None, configs=None, sharding=None) for m in self.members]
-            return jax.jit(partial(_Program.run_periods, spec, num_steps, period), donate_argnums=0)
+def metric_shapes(owner: str, loop: Loop, single_params: Params) -> dict:
+    if loop.eval_fn is None:
+        return {}
+    shapes = jax.eval_shape(lambda p: _metrics(loop, p), single_params)
+    for name, s in shapes.items():
+        if s.shape != ():
+            raise ValueError(f"{owner}: eval_fn's metric {name!r} must be a scalar, got shape {s.shape}")
+    needed = [loop.plateau_metric, loop.early_stopping and loop.early_stopping.metric]
+    for name in filter(None, needed):
+        if name not in shapes:
+            raise ValueError(f"{owner}: eval_fn returns {sorted(shapes)}, which has no metric {name!r}")
+    return shapes
 
-        return _cached(self._cache_key(num_steps, period), make)
 
-    def _results(self, carry, outputs) -> list[TrainResult]:
-        results = []
-        for i, (m, (params, state, stop, _)) in enumerate(zip(self.members, carry, strict=True)):
-            batched = m.configs is not None
-            # The scans stack (periods, period, [configs]); a run's history has steps on its last axis.
-            loss = jnp.concatenate([out[0][i] for out in outputs])
-            loss = loss.reshape((-1, *loss.shape[2:]))
-            metrics = {}
-            if self.eval_fn is not None:
-                names = outputs[0][1][i].keys()
-                metrics = {k: jnp.concatenate([out[1][i][k] for out in outputs]) for k in names}
-            if batched:
-                loss = loss.T
-                metrics = {k: v.T for k, v in metrics.items()}
-            n_evals = self.steps // self.period if self.period else 0
-            eval_step = self.period * jnp.arange(1, n_evals + 1) if self.period else jnp.zeros([0], jnp.int32)
-            if self.early_stopping is not None and self.early_stopping.restore_best_weights:
-                params = stop.best_params
-            results.append(TrainResult(params, state, History(loss, metrics, eval_step, stop.steps_trained)))
-        return results
+def check_plateau(owner: str, loop: Loop, opt_state: State) -> None:
+    """A plateau metric with no reduce_on_plateau to feed, or the reverse, would silently do nothing."""
+    has = any(
+        isinstance(x, PlateauState)
+        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PlateauState))
+    )
+    if loop.plateau_metric is not None and not has:
+        raise ValueError(
+            f"{owner}: plateau_metric={loop.plateau_metric!r} is given but the optimizer has no "
+            "gradtx.reduce_on_plateau to feed it to; chain one after the optimizer, or drop plateau_metric"
+        )
+    if loop.plateau_metric is None and has:
+        warnings.warn(
+            f"{owner}: the optimizer has a reduce_on_plateau but no plateau_metric= is given, so it is "
+            "never fed a value and never reduces the rate; pass plateau_metric='<an eval_fn metric>'",
+            stacklevel=3,
+        )
+
+
+@partial(jax.jit, static_argnames=("loop", "family", "shapes"))
+def _init_run(loop: Loop, family: Family, shapes: tuple, config, params, opt_state):
+    def one(config, params, opt_state):
+        if opt_state is None:
+            opt_state = family.build(config).init(params)
+        return new_run(loop, params, opt_state, dict(shapes))
+
+    return _across(family, one, (0, 0, 0))(config, params, opt_state)
+
+
+def initial_runs(
+    owner: str, p: Plan, configs: tuple, params: tuple, opt_states: tuple, shardings: tuple
+) -> tuple:
+    """Each family's first carry: optimizer init (unless a state is given), zeros for the rest."""
+    carry = []
+    for family, config, prm, state, sharding in zip(
+        p.families, configs, params, opt_states, shardings, strict=True
+    ):
+        single = (
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), prm)
+            if family.batched
+            else prm
+        )
+        shapes = metric_shapes(owner, p.loop, single)
+        run = _init_run(p.loop, family, tuple(sorted((k, None) for k in shapes)), config, prm, state)
+        if sharding is not None:
+            # Everything in a sweep's carry has the configuration axis first; zeros made inside init are
+            # not tied to the params' sharding by XLA, so place them explicitly.
+            run = jax.device_put(run, sharding)
+        carry.append(run)
+    for run in carry:
+        check_plateau(owner, p.loop, run.opt_state)
+    return tuple(carry)
 
 
 def _progress_bar(total: int) -> Callable:
@@ -524,18 +461,120 @@ def _progress_bar(total: int) -> Callable:
     bar = tqdm(total=total, unit="step") if tqdm is not None else None
     shown = [0]
 
-    def report(done: int, seconds: float, out) -> None:
-        last_losses = [float(np.mean(np.asarray(loss)[-1])) for loss in out[0]]
+    def report(done: int, seconds: float, outputs) -> None:
+        last = [float(np.mean(np.asarray(out.loss)[-1])) for out, _ in outputs]
         if bar is not None:
             bar.update(done - shown[0])
-            bar.set_postfix(loss=f"{np.mean(last_losses):.4g}")
+            bar.set_postfix(loss=f"{np.mean(last):.4g}")
             if done >= total:
                 bar.close()
         else:
-            print(f"step {done}/{total}  loss {np.mean(last_losses):.4g}  {seconds:.1f} s", flush=True)
+            print(f"step {done}/{total}  loss {np.mean(last):.4g}  {seconds:.1f} s", flush=True)
         shown[0] = done
 
     return report
+
+
+def run_plan(
+    p: Plan,
+    carry: tuple,
+    configs: tuple,
+    key: jax.Array,
+    arrays: Any,
+    first_step: int,
+    progress: bool,
+    checkpoints: Checkpoints | None = None,
+) -> tuple[tuple, list]:
+    """Runs the chunks, resuming from ``checkpoints`` when it holds a finished chunk. Returns the final
+    carry and the outputs, a list with one entry per chunk (resumed: the saved history first)."""
+    periods = p.steps // p.loop.period
+    per_chunk = -(-periods // min(p.chunks, periods))
+    done, outputs = 0, []
+    template = None
+    if checkpoints is not None:
+        restored = checkpoints.restore(carry)
+        if restored is not None:
+            carry, leaves, done = restored
+            template = jax.tree.structure(_output_template(p, carry))
+            outputs = [jax.tree.unflatten(template, leaves)]
+    bar = _progress_bar(p.steps) if progress else None
+    started = time.perf_counter()
+    while done < periods:
+        n = min(per_chunk, periods - done)
+        first = jnp.asarray(first_step + done * p.loop.period, jnp.int32)
+        carry, out = _chunk(p.loop, p.families, n, carry, configs, key, first, arrays)
+        outputs.append(out)
+        done += n
+        if checkpoints is not None:
+            history = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outputs)
+            outputs = [history]
+            checkpoints.save(done, carry, jax.tree.leaves(history))
+        if bar is not None:
+            jax.block_until_ready(carry)
+            bar(done * p.loop.period, time.perf_counter() - started, out)
+    return carry, outputs
+
+
+def _output_template(p: Plan, carry: tuple) -> tuple:
+    """The structure of a chunk's outputs (the leaves are placeholders)."""
+    fields = StepOutputs(*[0] * len(StepOutputs._fields))
+    return tuple((fields, dict.fromkeys(run.metrics, 0) if p.loop.eval_fn else {}) for run in carry)
+
+
+def histories(p: Plan, carry: tuple, outputs: list, first_step: int) -> list[History]:
+    """Each family's `History`, with the configuration axis first: the one transpose of the outputs."""
+    n_evals = p.steps // p.loop.period if p.loop.eval_fn is not None else 0
+    eval_step = first_step + p.loop.period * jnp.arange(1, n_evals + 1)
+    result = []
+    for i, (family, run) in enumerate(zip(p.families, carry, strict=True)):
+        per_step = [
+            jnp.concatenate([jnp.asarray(o[i][0][j]) for o in outputs])
+            for j in range(len(StepOutputs._fields))
+        ]
+        if family.batched:  # (periods, k, period) -> (k, steps)
+            per_step = [jnp.moveaxis(x, 1, 0).reshape(x.shape[1], -1) for x in per_step]
+        else:
+            per_step = [x.reshape(-1) for x in per_step]
+        metrics = {}
+        if p.loop.eval_fn is not None:
+            metrics = {k: jnp.concatenate([jnp.asarray(o[i][1][k]) for o in outputs]) for k in run.metrics}
+            if family.batched:
+                metrics = {k: v.T for k, v in metrics.items()}
+        result.append(History(*per_step, metrics, eval_step, run.steps_trained))
+    return result
+
+
+def fingerprint(
+    owner: str,
+    p: Plan,
+    configs: tuple,
+    params: tuple,
+    arrays: Any,
+    key: jax.Array,
+    first_step: int,
+    opt_states: tuple,
+) -> dict:
+    """What identifies a training call across processes (functions by name, arrays by digest)."""
+    name = lambda f: getattr(f, "__qualname__", type(f).__name__)  # noqa: E731
+    loop = p.loop
+    return {
+        "owner": owner,
+        "steps": p.steps,
+        "chunks": p.chunks,
+        "period": loop.period,
+        "first_step": first_step,
+        "loss_fn": name(loop.loss_fn),
+        "eval_fn": None if loop.eval_fn is None else name(loop.eval_fn),
+        "plateau_metric": loop.plateau_metric,
+        "early_stopping": None if loop.early_stopping is None else list(loop.early_stopping),
+        "data": repr(loop.source) if not callable(getattr(loop.source, "fn", None)) else name(loop.source.fn),
+        "families": [[f.batched, f.group_size] for f in p.families],
+        "configs": digest([c for c in configs if c is not None]),
+        "params": digest(params),
+        "opt_state": digest([s for s in opt_states if s is not None]),
+        "data_arrays": digest(arrays),
+        "key": digest(key),
+    }
 
 
 def fit(
@@ -552,6 +591,9 @@ def fit(
     early_stopping: EarlyStopping | None = None,
     chunks: int = 1,
     progress: bool = False,
+    opt_state: State | None = None,
+    initial_step: int | None = None,
+    checkpoint_dir: str | None = None,
 ) -> TrainResult:
     """Trains ``params`` with ``tx`` for ``steps`` steps of ``loss_fn(params, batch)``, in one compiled scan.
 
@@ -564,22 +606,56 @@ def fit(
     `reduce_on_plateau` in ``tx``; ``early_stopping`` freezes the run when its metric stops improving.
     ``chunks > 1`` (with ``progress=True``, a tqdm bar when tqdm is installed) reports between chunks.
 
+    Continuing a run: ``opt_state`` (from a previous `TrainResult`) continues its moments, step count,
+    schedules and plateau state instead of calling ``tx.init``; ``initial_step`` (default: the state's
+    step count, else 0) is the step the data and ``History.eval_step`` start from. ``checkpoint_dir``
+    (needs orbax: the ``checkpoint`` extra) saves everything after each chunk; calling again with the
+    same arguments resumes from the last finished chunk, bit-identical to an uninterrupted run, and
+    returns the saved result at once when the run had finished (see `gradtx.checkpoints`).
+
+    Complex params follow optax's convention: the gradient handed to ``tx`` is the conjugate of
+    ``jax.grad``'s (the descent direction), so complex leaves train like pairs of real ones.
+
     Params can be any pytree, e.g. the ``nnx.State`` of ``nnx.split(model)``. The caller's arrays are not
     donated; the program's own carry is. Returns the final params, optimizer state and the `History`.
-
-    The compiled program is kept (those of the last 16 or so calls): a later call with the same
-    ``loss_fn``, ``tx``, ``eval_fn`` and options and inputs of the same shapes (other params, other
-    data, another key) does not compile again. As with `jax.jit`, what those functions read from
-    Python globals is fixed when they are first traced.
+    A later call with the same ``loss_fn``, ``tx``, ``eval_fn``, options and shapes does not compile
+    again (``jax.jit``'s cache); as with `jax.jit`, what those functions read from Python globals is
+    fixed when they are first traced.
     """
-    program = _Program(
-        loss_fn,
-        [Member(lambda: tx, None, params, identity=tx)],
-        data,
-        steps,
-        eval_fn,
-        eval_every,
-        plateau_metric,
-        early_stopping,
+    family = Family(tx)
+    p, arrays = plan(
+        "fit", loss_fn, data, steps, eval_fn, eval_every, plateau_metric, early_stopping, chunks, (family,)
     )
-    return program.run(jax.random.PRNGKey(0) if key is None else key, chunks, progress)[0]
+    if initial_step is None:
+        initial_step = int(_step_of(opt_state)) if opt_state is not None else 0
+    elif isinstance(initial_step, bool) or operator.index(initial_step) < 0:
+        raise ValueError(f"fit: initial_step must be an int >= 0, got {initial_step!r}")
+    initial_step = int(initial_step)
+    key = jax.random.PRNGKey(0) if key is None else key
+    carry = initial_runs("fit", p, (None,), (params,), (opt_state,), (None,))
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(
+            checkpoint_dir, fingerprint("fit", p, (None,), params, arrays, key, initial_step, (opt_state,))
+        )
+    try:
+        carry, outputs = run_plan(p, carry, (None,), key, arrays, initial_step, progress, checkpoints)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+    (history,) = histories(p, carry, outputs, initial_step)
+    (run,) = carry
+    return TrainResult(_final_params(p.loop, run), run.opt_state, history)
+
+
+def _step_of(opt_state: State) -> jax.Array:
+    try:
+        return step_count(opt_state)
+    except ValueError:
+        return jnp.zeros([], jnp.int32)
+
+
+def _final_params(loop: Loop, run: Run) -> Params:
+    if loop.early_stopping is not None and loop.early_stopping.restore_best_weights:
+        return run.stop.best_params
+    return run.params

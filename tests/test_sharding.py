@@ -41,8 +41,8 @@ def test_a_sweep_on_8_devices_equals_the_single_device_sweep():
         # 10 configurations on 8 devices: padded to 16, the padding dropped from the result.
         configs = gradtx.grid(learning_rate=[0.01, 0.03, 0.05, 0.1, 0.2], momentum=[0.0, 0.9])
         kwargs = dict(eval_fn=valid, eval_every=20)
-        one = gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), 60, mesh=jax.devices()[:1], **kwargs)
-        eight = gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), 60, mesh=jax.devices(), **kwargs)
+        one = gradtx.sweep(loss_fn, PARAMS, make, configs, (X, Y), 60, mesh=jax.devices()[:1], **kwargs)
+        eight = gradtx.sweep(loss_fn, PARAMS, make, configs, (X, Y), 60, mesh=jax.devices(), **kwargs)
         assert eight.history.loss.shape == (10, 60) and len(eight) == 10
         np.testing.assert_allclose(eight.history.loss, one.history.loss, rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(eight.params["w"], one.params["w"], rtol=2e-5, atol=1e-6)
@@ -54,10 +54,11 @@ def test_a_sweep_on_8_devices_equals_the_single_device_sweep():
         # No replicated copies: every array the sweep carries (params, momentum, hyperparameters,
         # counters) holds 16 / 8 = 2 configurations per device.
         from gradtx.sweeps import _config_sharding, _member
-        from gradtx.training import _Program
+        from gradtx.training import initial_runs, plan
 
-        member, _ = _member("test", make, configs, PARAMS, _config_sharding(jax.devices()))
-        (carry,) = _Program(loss_fn, [member], (X, Y), 60, None, None, None, None).initial_carry()
+        member = _member("test", make, configs, PARAMS, _config_sharding(jax.devices()))
+        p, _ = plan("test", loss_fn, (X, Y), 60, None, None, None, None, 1, (member.family,))
+        (carry,) = initial_runs("test", p, (member.configs,), (member.params,), (None,), (member.sharding,))
         for leaf in jax.tree.leaves(carry):
             assert leaf.shape[0] == 16 and {s.data.shape[0] for s in leaf.addressable_shards} == {2}
         """
@@ -72,8 +73,8 @@ def test_compare_shards_each_family_and_keeps_single_runs_whole():
         from test_training import PARAMS, X, Y, loss_fn
 
         families = {"sgd": gradtx.sgd(0.05), "adam": (gradtx.adam, {"learning_rate": [0.001, 0.01, 0.03]})}
-        one = gradtx.compare(families, loss_fn, PARAMS, (X, Y), 40)
-        eight = gradtx.compare(families, loss_fn, PARAMS, (X, Y), 40, mesh=jax.make_mesh((2, 4), ("a", "b")))
+        one = gradtx.compare(loss_fn, PARAMS, families, (X, Y), 40)
+        eight = gradtx.compare(loss_fn, PARAMS, families, (X, Y), 40, mesh=jax.make_mesh((2, 4), ("a", "b")))
         for name in families:
             np.testing.assert_allclose(eight[name].history.loss, one[name].history.loss, rtol=2e-5, atol=1e-6)
         """

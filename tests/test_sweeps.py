@@ -33,7 +33,7 @@ def test_grid_is_every_combination():
 def test_each_configuration_equals_its_own_run():
     configs = gradtx.grid(learning_rate=[0.01, 0.05, 0.1], momentum=[0.0, 0.9])
     make = lambda learning_rate, momentum: gradtx.sgd(learning_rate, momentum=momentum)  # noqa: E731
-    result = gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS)
+    result = gradtx.sweep(loss_fn, PARAMS, make, configs, (X, Y), STEPS)
     assert len(result) == 6 and result.history.loss.shape == (6, STEPS)
     for i in range(6):
         single = gradtx.fit(
@@ -49,7 +49,7 @@ def test_each_configuration_equals_its_own_run():
 def test_seeds_initialize_each_run():
     configs = gradtx.grid(learning_rate=[0.01, 0.05], seed=[0, 1, 2])
     result = gradtx.sweep(
-        lambda learning_rate: gradtx.adam(learning_rate), configs, loss_fn, init, (X, Y), STEPS
+        loss_fn, init, lambda learning_rate: gradtx.adam(learning_rate), configs, (X, Y), STEPS
     )
     for i in range(6):
         lr, seed = configs["learning_rate"][i].item(), int(configs["seed"][i])
@@ -59,7 +59,7 @@ def test_seeds_initialize_each_run():
 
 def test_a_list_of_configurations_is_accepted():
     configs = [{"learning_rate": 0.01, "beta_1": 0.8}, {"learning_rate": 0.02, "beta_1": 0.9}]
-    result = gradtx.sweep(gradtx.adam, configs, loss_fn, PARAMS, (X, Y), 20)
+    result = gradtx.sweep(loss_fn, PARAMS, gradtx.adam, configs, (X, Y), 20)
     np.testing.assert_allclose(result.configs["beta_1"], [0.8, 0.9])
     single = gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.02, beta_1=0.9), (X, Y), 20)
     assert_same_run(result, 1, single)
@@ -79,7 +79,7 @@ NINE = {
 
 
 def test_the_nine_optimizers_in_one_program_equal_their_separate_runs():
-    results = gradtx.compare(NINE, loss_fn, PARAMS, (X, Y), STEPS, eval_fn=valid, eval_every=20)
+    results = gradtx.compare(loss_fn, PARAMS, NINE, (X, Y), STEPS, eval_fn=valid, eval_every=20)
     for name, tx in NINE.items():
         single = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), STEPS, eval_fn=valid, eval_every=20)
         np.testing.assert_allclose(results[name].history.loss, single.history.loss, rtol=RTOL, atol=ATOL)
@@ -90,12 +90,12 @@ def test_the_nine_optimizers_in_one_program_equal_their_separate_runs():
 
 def test_compare_mixes_single_runs_and_sweeps():
     results = gradtx.compare(
+        loss_fn,
+        init,
         {
             "sgd": gradtx.sgd(0.05),
             "adam": (gradtx.adam, gradtx.grid(learning_rate=[0.01, 0.03], seed=[0, 1])),
         },
-        loss_fn,
-        init,
         (X, Y),
         STEPS,
     )
@@ -108,10 +108,10 @@ def test_each_configuration_stops_early_on_its_own():
     rule = gradtx.EarlyStopping("valid_loss", patience=1, min_delta=0.05)
     configs = {"learning_rate": [0.0005, 0.05]}  # the slow run stops improving by 0.05 first
     result = gradtx.sweep(
-        lambda learning_rate: gradtx.sgd(learning_rate),
-        configs,
         loss_fn,
         PARAMS,
+        lambda learning_rate: gradtx.sgd(learning_rate),
+        configs,
         (X, Y),
         STEPS,
         eval_fn=valid,
@@ -133,10 +133,10 @@ def test_each_configuration_reduces_its_own_learning_rate():
         gradtx.sgd(0.05), gradtx.reduce_on_plateau(factor=0.5, patience=patience, min_delta=0.5)
     )
     result = gradtx.sweep(
-        make,
-        {"patience": [0, 2, 100]},
         loss_fn,
         PARAMS,
+        make,
+        {"patience": [0, 2, 100]},
         (X, Y),
         STEPS,
         eval_fn=valid,
@@ -161,10 +161,10 @@ def test_each_configuration_reduces_its_own_learning_rate():
 
 def test_rows_report_each_configuration():
     result = gradtx.sweep(
-        lambda learning_rate: gradtx.sgd(learning_rate),
-        {"learning_rate": [0.01, 0.1]},
         loss_fn,
         PARAMS,
+        lambda learning_rate: gradtx.sgd(learning_rate),
+        {"learning_rate": [0.01, 0.1]},
         (X, Y),
         STEPS,
         eval_fn=valid,
@@ -193,7 +193,7 @@ NO_DATA = jnp.zeros((1, 1))
 
 def test_range_test_rates_grow_exponentially_and_the_suggestion_is_below_divergence():
     result = gradtx.lr_range_test(
-        gradtx.sgd, quadratic, QUAD_PARAMS, NO_DATA, steps=200, min_lr=1e-4, max_lr=10.0
+        quadratic, QUAD_PARAMS, gradtx.sgd, NO_DATA, steps=200, min_lr=1e-4, max_lr=10.0
     )
     np.testing.assert_allclose(result.rates[[0, -1]], [1e-4, 10.0], rtol=1e-5)
     np.testing.assert_allclose(np.diff(np.log(result.rates)), np.log(1e5) / 199, rtol=1e-3)
@@ -207,7 +207,7 @@ def test_range_test_rates_grow_exponentially_and_the_suggestion_is_below_diverge
 
 def test_parallel_range_test_finds_the_fastest_constant_rate():
     rates = np.array([0.01, 0.05, 0.1, 0.15, 0.24, 0.3, 0.45, 0.6])  # 1/a = 0.25: 0.24 contracts most
-    result = gradtx.lr_range_sweep(gradtx.sgd, quadratic, QUAD_PARAMS, NO_DATA, steps=10, rates=rates)
+    result = gradtx.lr_range_sweep(quadratic, QUAD_PARAMS, gradtx.sgd, NO_DATA, steps=10, rates=rates)
     assert result.suggestion == pytest.approx(0.24)
     assert result.losses[-1] > 7.0  # 0.6 > 2/a: worse than the initial loss of 7
     # The final loss is the loss of the last step (10% of 10 steps), after 9 updates.
@@ -234,7 +234,7 @@ def test_parallel_range_test_finds_the_fastest_constant_rate():
 def test_bad_sweeps_fail_before_compiling(configs, message):
     make = lambda learning_rate, momentum=0.0: gradtx.sgd(learning_rate, momentum=momentum)  # noqa: E731
     with pytest.raises(ValueError, match=message):
-        gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS)
+        gradtx.sweep(loss_fn, PARAMS, make, configs, (X, Y), STEPS)
 
 
 @pytest.mark.parametrize(
@@ -257,7 +257,7 @@ def test_structural_options_are_named_before_compiling(make, configs, message):
     # A bool flag changes the program, so one vmapped program cannot vary it: the error names the
     # field (not a tracer error from deep inside the compilation) and points to compare.
     with pytest.raises(ValueError, match=message) as raised:
-        gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS)
+        gradtx.sweep(loss_fn, PARAMS, make, configs, (X, Y), STEPS)
     assert "gradtx.compare" in str(raised.value)
 
 
@@ -265,8 +265,8 @@ def test_a_cached_sweep_program_takes_the_new_configurations():
     # The same factory and loss twice: the second call reuses the compiled program, and its values
     # (learning rates, seeds) come in as arguments, so each run still equals its own fit.
     make = lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9)  # noqa: E731
-    gradtx.sweep(make, {"learning_rate": [0.01, 0.02]}, loss_fn, PARAMS, (X, Y), STEPS)
-    result = gradtx.sweep(make, {"learning_rate": [0.05, 0.002]}, loss_fn, PARAMS, (X, Y), STEPS)
+    gradtx.sweep(loss_fn, PARAMS, make, {"learning_rate": [0.01, 0.02]}, (X, Y), STEPS)
+    result = gradtx.sweep(loss_fn, PARAMS, make, {"learning_rate": [0.05, 0.002]}, (X, Y), STEPS)
     for i, lr in enumerate([0.05, 0.002]):
         single = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(lr, momentum=0.9), (X, Y), STEPS)
         assert_same_run(result, i, single)
@@ -278,7 +278,7 @@ def test_per_seed_shuffling_gives_each_seed_its_own_data_order(group_size):
     source = gradtx.shuffled_batches(examples, 16, per_seed=True)
     make = lambda learning_rate: gradtx.sgd(learning_rate)  # noqa: E731
     configs = {"learning_rate": [0.05] * 3, "seed": [0, 1, 2]}
-    result = gradtx.sweep(make, configs, loss_fn, PARAMS, source, 2 * STEPS, group_size=group_size)
+    result = gradtx.sweep(loss_fn, PARAMS, make, configs, source, 2 * STEPS, group_size=group_size)
     for i, seed in enumerate([0, 1, 2]):
         key = jax.random.fold_in(jax.random.PRNGKey(0), seed)
         single = gradtx.fit(
@@ -294,14 +294,14 @@ def test_without_per_seed_every_seed_sees_the_same_batches():
     source = gradtx.shuffled_batches(examples, 16)
     configs = {"learning_rate": [0.05] * 2, "seed": [0, 1]}
     result = gradtx.sweep(
-        lambda learning_rate: gradtx.sgd(learning_rate), configs, loss_fn, PARAMS, source, STEPS
+        loss_fn, PARAMS, lambda learning_rate: gradtx.sgd(learning_rate), configs, source, STEPS
     )
     np.testing.assert_array_equal(result.history.loss[0], result.history.loss[1])
 
 
 def test_compare_needs_a_family():
-    with pytest.raises(ValueError, match="at least one optimizer family"):
-        gradtx.compare({}, loss_fn, PARAMS, (X, Y), STEPS)
+    with pytest.raises(ValueError, match="families must be a non-empty dict"):
+        gradtx.compare(loss_fn, PARAMS, {}, (X, Y), STEPS)
 
 
 @pytest.mark.parametrize("group_size", [1, 2, 5])
@@ -315,7 +315,7 @@ def test_groups_of_configurations_give_the_same_runs(group_size):
     )
     configs = {"learning_rate": [0.0005, 0.01, 0.05, 0.1, 0.02], "patience": [0, 1, 2, 100, 0]}
     kwargs = dict(eval_fn=valid, eval_every=10, plateau_metric="valid_loss", early_stopping=rule)
-    result = gradtx.sweep(make, configs, loss_fn, PARAMS, (X, Y), STEPS, group_size=group_size, **kwargs)
+    result = gradtx.sweep(loss_fn, PARAMS, make, configs, (X, Y), STEPS, group_size=group_size, **kwargs)
     assert result.history.loss.shape == (5, STEPS)
     assert result.history.metrics["valid_loss"].shape == (5, STEPS // 10)
     trained = np.asarray(result.history.steps_trained)
@@ -338,12 +338,12 @@ def test_groups_of_configurations_give_the_same_runs(group_size):
 
 def test_compare_groups_a_family_and_steps_the_others_together():
     results = gradtx.compare(
+        loss_fn,
+        PARAMS,
         {
             "sgd": gradtx.sgd(0.05),
             "adam": (lambda learning_rate: gradtx.adam(learning_rate), {"learning_rate": [0.01, 0.03, 0.1]}),
         },
-        loss_fn,
-        PARAMS,
         (X, Y),
         STEPS,
         group_size=2,
@@ -357,17 +357,17 @@ def test_compare_groups_a_family_and_steps_the_others_together():
 def test_group_size_must_be_a_positive_int(group_size):
     with pytest.raises(ValueError, match="group_size must be a positive int"):
         gradtx.sweep(
-            gradtx.sgd, {"learning_rate": [0.1]}, loss_fn, PARAMS, (X, Y), STEPS, group_size=group_size
+            loss_fn, PARAMS, gradtx.sgd, {"learning_rate": [0.1]}, (X, Y), STEPS, group_size=group_size
         )
 
 
 def test_group_size_and_mesh_do_not_combine():
     with pytest.raises(ValueError, match="group_size or mesh"):
         gradtx.sweep(
-            gradtx.sgd,
-            {"learning_rate": [0.1]},
             loss_fn,
             PARAMS,
+            gradtx.sgd,
+            {"learning_rate": [0.1]},
             (X, Y),
             STEPS,
             group_size=1,

@@ -144,10 +144,10 @@ def _overshoot_fit(tx_or_sweep, rule, steps=60, every=5, **kwargs):
     common = dict(eval_fn=metric, eval_every=every, early_stopping=rule)
     if callable(tx_or_sweep):
         return gradtx.sweep(
-            tx_or_sweep,
-            kwargs["configs"],
             loss,
             {"w": jnp.zeros(())},
+            tx_or_sweep,
+            kwargs["configs"],
             data,
             steps,
             group_size=kwargs["group_size"],
@@ -194,20 +194,21 @@ def test_restore_best_weights_per_configuration_of_a_sweep(group_size):
 def test_data_arrays_reach_the_batches_through_the_argument():
     # The compiled chunk takes the data as an argument (a closed-over array would be compiled in as a
     # constant): the batches must come from the arrays passed, not from the ones first given.
-    from gradtx.training import _batch_source
+    from gradtx.data import source
 
     key = jax.random.PRNGKey(1)
     for data in [(X, Y), gradtx.shuffled_batches((X[:, 0], Y[:, 0]), 4)]:
-        prepare, arrays, _ = _batch_source(data)
+        spec, arrays = source(data)
         assert (
             jax.tree.leaves(arrays)[0] is jax.tree.leaves(data if isinstance(data, tuple) else data.data)[0]
         )
         shifted = jax.tree.map(lambda a: a + 1, arrays)
         step = jnp.int32(3)
-        np.testing.assert_array_equal(
-            prepare(jnp.int32(0), 8, key, shifted)(step)[0],
-            prepare(jnp.int32(0), 8, key, arrays)(step)[0] + 1,
-        )
+
+        def batch(arrays, spec=spec):
+            return spec.batch(spec.tables(jnp.int32(0), 8, key, arrays), arrays, step)[0]
+
+        np.testing.assert_array_equal(batch(shifted), batch(arrays) + 1)
 
 
 def test_a_second_fit_with_the_same_functions_reuses_the_compiled_program():
@@ -235,13 +236,36 @@ def test_a_second_fit_with_the_same_functions_reuses_the_compiled_program():
     assert len(traces) > traced
 
 
-def test_the_program_cache_is_bounded():
-    from gradtx import training
+def test_the_compiled_programs_can_be_cleared():
+    traces = []
 
-    tx, params, data = gradtx.sgd(0.1), {"w": jnp.ones(2)}, jnp.zeros((4, 1))
-    for steps in range(1, training._CACHE_SIZE + 3):  # each number of steps is its own program
-        gradtx.fit(lambda p, b: jnp.sum(p["w"] ** 2), params, tx, data, steps)
-    assert len(training._COMPILED) == training._CACHE_SIZE
+    def counted_loss(p, batch):
+        traces.append(1)
+        return loss_fn(p, batch)
+
+    tx = gradtx.sgd(0.1)
+    gradtx.fit(counted_loss, PARAMS, tx, (X, Y), 5)
+    traced = len(traces)
+    gradtx.fit(counted_loss, PARAMS, tx, (X, Y), 5)
+    assert len(traces) == traced  # kept by jax.jit's cache
+    jax.clear_caches()
+    gradtx.fit(counted_loss, PARAMS, tx, (X, Y), 5)
+    assert len(traces) > traced
+
+
+def test_fits_in_threads_share_the_compiled_program_safely():
+    # The hand-made cache it replaced raised KeyError under concurrent eviction.
+    from concurrent.futures import ThreadPoolExecutor
+
+    tx = gradtx.sgd(0.05)
+
+    def train(k):
+        return gradtx.fit(loss_fn, PARAMS, tx, (X, Y), 4 + k % 3).params["w"]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(train, range(12)))
+    for k, w in enumerate(results):
+        np.testing.assert_array_equal(w, gradtx.fit(loss_fn, PARAMS, tx, (X, Y), 4 + k % 3).params["w"])
 
 
 def test_shuffled_batches_visit_every_example_once_per_epoch():

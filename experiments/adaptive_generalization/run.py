@@ -66,7 +66,7 @@ def part_one(lines):
         "Adam": lambda: gradtx.adam(0.001),
     }
     families = {name: (make, {"seed": list(range(DRAWS))}) for name, make in optimizers.items()}
-    runs = gradtx.compare(families, loss_fn, init, jnp.zeros((1, 1)), STEPS)
+    runs = gradtx.compare(loss_fn, init, families, jnp.zeros((1, 1)), STEPS)
     results = {}
     for name, run in runs.items():
         per_draw = []
@@ -163,9 +163,7 @@ def part_two(lines):
     }
     steps, every = 3000, 150
     results = gradtx.compare(
-        families,
-        loss_fn,
-        init,
+        loss_fn, init, families,
         gradtx.shuffled_batches((xt, yt), 32),
         steps,
         eval_fn=evaluate,

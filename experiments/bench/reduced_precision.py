@@ -75,9 +75,7 @@ def accuracy(lines):
         for name, dtype in (("float32 m", None), ("bfloat16 m", jnp.bfloat16))
     }
     results = gradtx.compare(
-        families,
-        loss_fn,
-        init,
+        loss_fn, init, families,
         batches,
         STEPS,
         eval_fn=lambda p: {"accuracy": (logits(p, xv).argmax(-1) == yv).mean()},

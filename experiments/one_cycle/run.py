@@ -91,9 +91,7 @@ def main():
             for name, make in schedules(total).items()
         }
         results = gradtx.compare(
-            families,
-            loss_fn,
-            init,
+            loss_fn, init, families,
             gradtx.shuffled_batches((xt, yt), BATCH),
             total,
             eval_fn=evaluate,

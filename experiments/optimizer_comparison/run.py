@@ -111,9 +111,7 @@ def main():
     )
     started = time.perf_counter()
     results = gradtx.compare(
-        families,
-        loss_fn,
-        init,
+        loss_fn, init, families,
         gradtx.shuffled_batches((x_train, y_train), batch),
         steps,
         eval_fn=evaluate,

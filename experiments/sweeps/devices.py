@@ -33,8 +33,8 @@ params = init(jax.random.PRNGKey(0))
 
 def sweep():
     return gradtx.sweep(
-        lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9), {"learning_rate": rates},
-        loss_fn, params, batches, steps, mesh=jax.devices(),
+        loss_fn, params, lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9),
+        {"learning_rate": rates}, batches, steps, mesh=jax.devices(),
     )
 
 times = []
@@ -45,10 +45,11 @@ for _ in range(3):
     times.append(time.perf_counter() - start)
 # Bytes of params + optimizer state held by device 0, in the carry the sweep trains.
 from gradtx.sweeps import _config_sharding, _member
-from gradtx.training import _Program
-member, _ = _member("devices", lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9),
-                    {"learning_rate": rates}, params, _config_sharding(jax.devices()))
-(carry,) = _Program(loss_fn, [member], batches, steps, None, None, None, None).initial_carry()
+from gradtx.training import initial_runs, plan
+member = _member("devices", lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9),
+                 {"learning_rate": rates}, params, _config_sharding(jax.devices()))
+p, _ = plan("devices", loss_fn, batches, steps, None, None, None, None, 1, (member.family,))
+(carry,) = initial_runs("devices", p, (member.configs,), (member.params,), (None,), (member.sharding,))
 per_device = sum(
     s.data.nbytes for leaf in jax.tree.leaves(carry[:2]) for s in leaf.addressable_shards
     if s.device == jax.devices()[0]

@@ -139,10 +139,7 @@ def main():
 
     def gradtx_sweep(group_size):
         return gradtx.sweep(
-            lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9),
-            {"learning_rate": rates},
-            loss_fn,
-            params,
+            loss_fn, params, lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9), {"learning_rate": rates},
             batches,
             steps,
             group_size=group_size,
@@ -159,7 +156,7 @@ def main():
     factory = lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9)  # noqa: E731
 
     def again():
-        return gradtx.sweep(factory, {"learning_rate": rates}, loss_fn, params, batches, steps).history.loss
+        return gradtx.sweep(loss_fn, params, factory, {"learning_rate": rates}, batches, steps).history.loss
 
     timed(again)
     cached_time = statistics.median(timed(again)[0] for _ in range(repeats))
@@ -206,7 +203,7 @@ def main():
     one_times, separate_times = [], []
     for _ in range(repeats):
         t, _ = timed(
-            lambda: gradtx.compare({k: make() for k, make in NINE.items()}, loss_fn, params, batches, steps)
+            lambda: gradtx.compare(loss_fn, params, {k: make() for k, make in NINE.items()}, batches, steps)
         )
         one_times.append(t)
         t, _ = timed(lambda: [gradtx.fit(loss_fn, params, make(), batches, steps) for make in NINE.values()])
