@@ -1,0 +1,146 @@
+"""Long runs survive: fit/sweep/compare resumed from their checkpoints (after SIGKILL or Ctrl-C) equal
+the uninterrupted run bit for bit, and fit continues from a saved optimizer state."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import resume_worker as worker
+from test_training import PARAMS, STEPS, X, Y, loss_fn, valid
+
+import gradtx
+
+HERE = Path(__file__).parent
+
+
+def assert_identical(a, b):
+    """Every array of two results (params, optimizer state, history) equal bit for bit."""
+    a, b = (x if isinstance(x, dict) else {"": x} for x in (a, b))
+    assert a.keys() == b.keys()
+    for name in a:
+        la, ta = jax.tree.flatten(
+            jax.tree.map(
+                np.asarray,
+                tuple(vars(a[name]).values()) if not isinstance(a[name], tuple) else tuple(a[name]),
+            )
+        )
+        lb, tb = jax.tree.flatten(
+            jax.tree.map(
+                np.asarray,
+                tuple(vars(b[name]).values()) if not isinstance(b[name], tuple) else tuple(b[name]),
+            )
+        )
+        assert ta == tb, name
+        for x, y in zip(la, lb, strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def committed(directory: Path) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def interrupt(
+    mode: str, directory: Path, sig: int, after: int = 2, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """Starts the worker, sends ``sig`` once ``after`` checkpoints are committed, returns its outcome."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "resume_worker.py"), mode, str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent,
+    )  # fmt: skip
+    start = time.monotonic()
+    try:
+        while len(committed(directory)) < after and proc.poll() is None:
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"the worker committed {committed(directory)} in {timeout} s")
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the worker ended before the signal:\n{proc.communicate()[1][-3000:]}"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fit", "sweep", "compare"])
+def test_a_run_killed_mid_chunk_resumes_bit_identical(mode, tmp_path):
+    directory = tmp_path / "ckpt"
+    outcome = interrupt(mode, directory, signal.SIGKILL)
+    assert outcome.returncode == -signal.SIGKILL and "finished" not in outcome.stdout
+    saved = committed(directory)
+    assert saved and max(saved) < worker.STEPS // worker.EVERY  # killed before the end, after a chunk
+    resumed = worker.run(mode, str(directory))
+    assert_identical(resumed, worker.run(mode, None))
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_the_last_checkpoint_intact(tmp_path):
+    directory = tmp_path / "ckpt"
+    outcome = interrupt("fit", directory, signal.SIGINT)
+    assert outcome.returncode != 0 and "KeyboardInterrupt" in outcome.stderr
+    assert committed(directory)
+    assert_identical(worker.run("fit", str(directory)), worker.run("fit", None))
+
+
+def test_a_finished_run_returns_the_saved_result_without_training(tmp_path):
+    first = gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+    traces = []
+
+    def loss_fn_again(p, batch):  # another function of the same name: the fingerprint matches
+        traces.append(1)
+        return loss_fn(p, batch)
+
+    loss_fn_again.__qualname__ = loss_fn.__qualname__
+    again = gradtx.fit(
+        loss_fn_again, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path
+    )
+    assert traces == []  # no chunk was traced, so none ran
+    assert_identical(again, first)
+
+
+def test_a_checkpoint_of_other_arguments_is_not_resumed(tmp_path):
+    gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"holds a run with other arguments \(.*steps: saved 60, now 30\)"):
+        gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS // 2, chunks=3, checkpoint_dir=tmp_path)
+    other = jax.tree.map(lambda p: p + 1.0, PARAMS)
+    with pytest.raises(ValueError, match="params: saved"):
+        gradtx.fit(loss_fn, other, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+
+
+def test_fit_continues_from_an_optimizer_state():
+    # The issue's example: 60 + 40 steps of a cosine schedule must end where 100 steps end.
+    schedule = gradtx.cosine_decay_schedule(0.5, 100)
+    tx = gradtx.chain(gradtx.adam(schedule), gradtx.reduce_on_plateau(patience=1, factor=0.5))
+    kwargs = dict(eval_fn=valid, eval_every=10, plateau_metric="valid_loss")
+    straight = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), 100, **kwargs)
+    first = gradtx.fit(loss_fn, PARAMS, tx, (X, Y), 60, **kwargs)
+    second = gradtx.fit(loss_fn, first.params, tx, (X, Y), 40, opt_state=first.opt_state, **kwargs)
+    np.testing.assert_allclose(gradtx.hyperparams(second.opt_state)["learning_rate"], schedule(99), rtol=1e-6)
+    assert int(gradtx.step_count(second.opt_state)) == 100
+    np.testing.assert_array_equal(second.history.eval_step, np.arange(70, 101, 10))
+    np.testing.assert_allclose(
+        np.concatenate([first.history.loss, second.history.loss]), straight.history.loss, rtol=1e-6
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), second.params, straight.params)
+    np.testing.assert_allclose(
+        gradtx.plateau_scale(second.opt_state), gradtx.plateau_scale(straight.opt_state)
+    )
+
+
+def test_initial_step_sets_the_data_position():
+    data = gradtx.shuffled_batches((X.reshape(-1, 5), Y.reshape(-1, 3)), 16)
+    straight = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.05), data, 30)
+    first = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.05), data, 10)
+    second = gradtx.fit(loss_fn, first.params, gradtx.sgd(0.05), data, 20, initial_step=10)
+    np.testing.assert_allclose(second.history.loss, straight.history.loss[10:], rtol=1e-6)
+    with pytest.raises(ValueError, match="initial_step must be an int >= 0, got -1"):
+        gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.05), data, 10, initial_step=-1)
