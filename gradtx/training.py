@@ -250,7 +250,7 @@ def _across(family: Family, fn: Callable, in_axes: tuple) -> Callable:
         leaves = [
             leaf
             for flags, arg in zip(mapped, args, strict=True)
-            for leaf, f in zip(jax.tree.leaves(arg), flags)
+            for leaf, f in zip(jax.tree.leaves(arg), flags, strict=True)
             if f
         ]
         n, k = leaves[0].shape[0], family.group_size
@@ -259,7 +259,8 @@ def _across(family: Family, fn: Callable, in_axes: tuple) -> Callable:
             group, rebuilt = list(group), []
             for flags, arg in zip(mapped, args, strict=True):
                 flat, treedef = jax.tree.flatten(arg)
-                rebuilt.append(treedef.unflatten([group.pop(0) if f else x for x, f in zip(flat, flags)]))
+                chosen = [group.pop(0) if f else x for x, f in zip(flat, flags, strict=True)]
+                rebuilt.append(treedef.unflatten(chosen))
             return vmapped(*rebuilt)
 
         out = jax.lax.map(one_group, [x.reshape(n // k, k, *x.shape[1:]) for x in leaves])
