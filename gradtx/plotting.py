@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from gradtx.sweeps import RangeTest, SweepResult
+from gradtx.range_tests import RangeTest
+from gradtx.sweeps import SweepResult
 from gradtx.training import TrainResult
 
 
