@@ -56,8 +56,35 @@ def _in_scopes(scopes, make):
         return _in_scopes(scopes[1:], make)
 
 
+def keras_stepper(keras_opt, variables, jit: bool):
+    """``step(grads)``: one Keras update of ``variables``, eagerly (``apply``) or, with ``jit``, as
+    ``model.fit`` runs it: ``stateless_apply`` compiled by ``jax.jit``, the results assigned back."""
+    if not jit:
+        return lambda grads: keras_opt.apply(grads, variables)
+    keras_opt.build(variables)
+    compiled = jax.jit(keras_opt.stateless_apply)
+
+    def step(grads):
+        new_values, new_state = compiled(
+            [v.value for v in keras_opt.variables], grads, [v.value for v in variables]
+        )
+        for v, x in zip([*variables, *keras_opt.variables], [*new_values, *new_state], strict=True):
+            v.assign(x)
+
+    return step
+
+
 def run_step_by_step(
-    keras_opt, tx, params, grads, *, jit: bool, rtol: float, atol: float = 0.0, resolution: float = 100
+    keras_opt,
+    tx,
+    params,
+    grads,
+    *,
+    jit: bool,
+    rtol: float,
+    atol: float = 0.0,
+    resolution: float = 100,
+    keras_jit: bool | None = None,
 ) -> dict:
     """Runs both optimizers over ``grads``; at every step checks, leaf by leaf,
     ``|ours - keras| <= rtol * (|theta_old| + |theta_new|) + atol`` (``theta + u`` rounds relative to
@@ -65,18 +92,23 @@ def run_step_by_step(
 
     So that the check can fail, every leaf's largest Keras step must exceed the bound ``resolution``-fold
     (100) at some step (a step the bound would swallow is not compared at all). Returns the largest
-    ``|ours - keras| / (|theta_old| + |theta_new|)`` seen, per path."""
+    ``|ours - keras| / (|theta_old| + |theta_new|)`` seen, per path.
+
+    ``jit`` compiles both sides' updates (``keras_jit``, if given, chooses Keras's side alone): XLA
+    fuses a compiled program's elementwise operations, which may round differently from the same
+    operations run one by one."""
     variables = keras_variables(params)
     paths = list(params)
     for v, path in zip(variables, paths, strict=True):
         assert v.path == path, (v.path, path)
     state = tx.init({p: jnp.asarray(x) for p, x in params.items()})
     update = jax.jit(tx.update) if jit else tx.update
+    keras_step = keras_stepper(keras_opt, variables, jit if keras_jit is None else keras_jit)
     worst = dict.fromkeys(paths, 0.0)
     resolved = dict.fromkeys(paths, 0.0)
     for step, g in enumerate(grads):
         current = {p: np.asarray(v) for p, v in zip(paths, variables, strict=True)}
-        keras_opt.apply([jnp.asarray(g[p]) for p in paths], variables)
+        keras_step([jnp.asarray(g[p]) for p in paths])
         grads_j = {p: jnp.asarray(x) for p, x in g.items()}
         updates, state = update(grads_j, state, {p: jnp.asarray(x) for p, x in current.items()})
         ours = gradtx.apply_updates({p: jnp.asarray(x) for p, x in current.items()}, updates)
