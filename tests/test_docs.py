@@ -12,9 +12,10 @@ before a file's blocks; it stays empty while every block is self-contained.
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import NamedTuple
@@ -110,44 +111,27 @@ def test_field_comments_are_escaped_for_rest():
     assert r"(k, \*shape) of a\_ group" in lines[2]
 
 
-def _imported_at_import_time(module: str) -> set[str]:
-    """The gradtx modules that importing ``module`` imports, read from the module-level import statements
-    of the sources (not from sys.modules, which other tests have filled)."""
-    path = ROOT / (module.replace(".", "/") + (".py" if module != "gradtx" else "/__init__.py"))
-    found = set()
-
-    def visit(statements):
-        for node in statements:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                continue  # a function's imports run when it is called
-            if (
-                isinstance(node, ast.ImportFrom)
-                and node.level == 0
-                and (node.module or "").startswith("gradtx")
-            ):
-                found.add(node.module)
-                found.update(f"gradtx.{a.name}" for a in node.names if node.module == "gradtx")
-            elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name.startswith("gradtx."))
-            for field in ("body", "orelse", "finalbody", "handlers"):
-                visit(getattr(node, field, []))
-
-    visit(ast.parse(path.read_text(encoding="utf-8")).body)
-    return {m for m in found if (ROOT / (m.replace(".", "/") + ".py")).exists()}
-
-
 def test_every_module_is_imported_by_gradtx_or_listed_as_optional():
-    # A module that ``import gradtx`` does not load is documented only if OPTIONAL_MODULES lists it.
-    loaded, todo = set(), ["gradtx"]
-    while todo:
-        for m in _imported_at_import_time(todo.pop()) - loaded:
-            loaded.add(m)
-            todo.append(m)
+    # The reference documents the modules that ``import gradtx`` loads (read from the import statements)
+    # and OPTIONAL_MODULES; any other module would be left out.
     modules = {f"gradtx.{p.stem}" for p in (ROOT / "gradtx").glob("*.py") if not p.stem.startswith("_")}
-    missing = modules - loaded - set(api.OPTIONAL_MODULES)
+    missing = modules - api.imported_modules() - set(api.OPTIONAL_MODULES)
     assert not missing, (
         f"not loaded by `import gradtx` nor in OPTIONAL_MODULES (docs/_ext/gradtx_api.py): {missing}"
     )
+
+
+def test_imported_modules_are_those_python_loads():
+    # The static reading of the import statements agrees with what the interpreter does.
+    code = "import sys, gradtx; print(*sorted(m for m in sys.modules if m.startswith('gradtx.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert set(out.stdout.split()) == api.imported_modules()
+
+
+def test_every_module_has_a_page():
+    pages = api.pages()
+    for module in api.imported_modules() | set(api.OPTIONAL_MODULES):
+        assert f".. automodule:: {module}" in pages[f"api/{module}.rst"]
 
 
 # --- (b) every Python block of the README and the docs runs ---------------------------------------------
@@ -257,3 +241,26 @@ def test_blocks_share_one_namespace_and_skip_no_run_and_other_languages():
     blocks = code_blocks(text, "doc.md")
     assert [b.info for b in blocks] == ["python", "python no-run", "bash", "python"]
     assert run_blocks(blocks) == 2
+
+
+def test_a_markdown_table_in_a_docstring_becomes_a_list_table():
+    lines = [
+        "Options:",
+        "",
+        "| option | rule |",
+        "|---|:---:|",
+        "| ``a | b`` | `chain` \\| x |",
+        "| c |  |",
+        "end",
+    ]
+    out = api.markdown_tables(lines)
+    assert out[:2] == ["Options:", ""] and out[-1] == "end"
+    assert ".. list-table::" in out and "   :header-rows: 1" in out
+    assert [line.strip() for line in out if line.strip().startswith(("* -", "-"))] == [
+        "* - option",
+        "- rule",
+        "* - ``a | b``",
+        "- `chain` | x",
+        "* - c",
+        "- ..",
+    ]

@@ -114,11 +114,49 @@ def _defines(tree: ast.Module, name: str) -> ast.stmt | None:
     return None
 
 
-def _submodules() -> list[str]:
-    import gradtx
+def _package_root() -> Path:
+    return Path(importlib.util.find_spec("gradtx").origin).parent
 
-    root = Path(gradtx.__file__).parent
-    return sorted(f"gradtx.{p.stem}" for p in root.glob("*.py") if p.stem != "__init__")
+
+def _module_imports(module: str) -> set[str]:
+    """The gradtx modules that ``module``'s module-level import statements name (not its functions')."""
+    path = _package_root() / ("__init__.py" if module == "gradtx" else module.split(".", 1)[1] + ".py")
+    found = set()
+
+    def visit(statements):
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue  # a function's imports run when it is called
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("gradtx")
+            ):
+                found.add(node.module)
+                found.update(f"gradtx.{a.name}" for a in node.names if node.module == "gradtx")
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("gradtx."))
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                visit(getattr(node, field, []))
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    return {m for m in found if m != "gradtx" and (_package_root() / (m.split(".", 1)[1] + ".py")).exists()}
+
+
+def imported_modules() -> set[str]:
+    """The gradtx modules that ``import gradtx`` loads, read from the sources' import statements (so a
+    module that nothing imports yet, work in progress, gets no page and breaks no build)."""
+    loaded, todo = set(), ["gradtx"]
+    while todo:
+        for m in _module_imports(todo.pop()) - loaded:
+            loaded.add(m)
+            todo.append(m)
+    return loaded
+
+
+def _submodules() -> list[str]:
+    """The modules the reference documents: those ``import gradtx`` loads, and `OPTIONAL_MODULES`."""
+    return sorted(imported_modules() | set(OPTIONAL_MODULES))
 
 
 def home_module(name: str, obj: Any) -> str:
@@ -262,7 +300,7 @@ def contract(entry: Entry) -> str:
     text = own_docstring(entry.obj) if entry.kind != "data" else alias_comment(entry)
     if not text and entry.kind == "class":
         fields = record_fields(entry.obj) or []
-        text = "; ".join(f"{f.name}: {f.comment}" for f in fields)
+        text = "; ".join(f"{f.name}: {f.comment}" for f in fields if f.comment)
     return text.strip().split("\n\n")[0]
 
 
@@ -285,7 +323,7 @@ _DIRECTIVE = {"function": "autofunction", "class": "autoclass", "data": "autodat
 def pages() -> dict[str, str]:
     """The API pages, ``{path relative to the docs source folder: reST}``: one per module, in
     `MODULE_ORDER`, each entry in source order, and an index page with their table of contents."""
-    by_module: dict[str, list[Entry]] = {}
+    by_module: dict[str, list[Entry]] = {module: [] for module in _submodules()}
     for entry in entries():
         by_module.setdefault(entry.module, []).append(entry)
     modules = sorted(by_module, key=_order)
@@ -303,22 +341,18 @@ def pages() -> dict[str, str]:
     out = {f"{API_DIR}/index.rst": "\n".join(index)}
     for module in modules:
         found = sorted(by_module[module], key=_line)
-        namespace = found[0].namespace
         # A module named like one of its functions (gradtx.adadelta) leaves that name to the function.
         clash = module.rsplit(".", 1)[-1] in {e.name for e in found}
-        lines = [
-            *_title(module),
-            f".. automodule:: {module}",
-            *(["   :no-index:"] if clash else []),
-            "",
-            f".. currentmodule:: {namespace}",
-            "",
-            ".. autosummary::",
-            "   :nosignatures:",
-            "",
-            *(f"   {e.name}" for e in found),
-            "",
-        ]
+        lines = [*_title(module), f".. automodule:: {module}", *(["   :no-index:"] if clash else []), ""]
+        if found:  # a module without public names (gradtx.checkpoints) shows its docstring only
+            lines += [
+                f".. currentmodule:: {found[0].namespace}",
+                "",
+                ".. autosummary::",
+                "   :nosignatures:",
+                "",
+            ]
+            lines += [*(f"   {e.name}" for e in found), ""]
         for e in found:
             lines += [f".. {_DIRECTIVE[e.kind]}:: {e.name}"]
             if e.kind == "class":
@@ -365,10 +399,57 @@ def _by_qualname() -> dict[str, Entry]:
     return {e.qualname: e for e in entries()}
 
 
+_TABLE_ROW = re.compile(r"^(\s*)\|.*\|\s*$")
+_TABLE_RULE = re.compile(r"^\s*\|(\s*:?-{3,}:?\s*\|)+\s*$")
+
+
+def _cells(row: str) -> list[str]:
+    """The cells of a Markdown table row; a ``|`` inside a code span or escaped as ``\\|`` is text."""
+    cells, cell, span, i = [], "", 0, 0
+    row = row.strip()[1:-1]
+    while i < len(row):
+        if row.startswith("\\|", i):
+            cell, i = cell + "|", i + 2
+        elif row[i] == "`":
+            run = len(row[i:]) - len(row[i:].lstrip("`"))
+            span = 0 if run == span else span or run  # a code span closes on a run of its own length
+            cell, i = cell + "`" * run, i + run
+        elif row[i] == "|" and not span:
+            cells.append(cell.strip())
+            cell, i = "", i + 1
+        else:
+            cell, i = cell + row[i], i + 1
+    return [*cells, cell.strip()]
+
+
+def markdown_tables(lines: list[str]) -> list[str]:
+    """Docstrings are Markdown-ish: a pipe table (a header row, a ``|---|`` rule, rows) becomes a reST
+    ``list-table``; every other line is left as it is."""
+    out, i = [], 0
+    while i < len(lines):
+        head = _TABLE_ROW.match(lines[i])
+        if head and i + 1 < len(lines) and _TABLE_RULE.match(lines[i + 1]):
+            indent, rows, j = head.group(1), [_cells(lines[i])], i + 2
+            while j < len(lines) and _TABLE_ROW.match(lines[j]):
+                rows.append(_cells(lines[j]))
+                j += 1
+            out += ["", f"{indent}.. list-table::", f"{indent}   :header-rows: 1", ""]
+            for row in rows:
+                for k, cell in enumerate(row):
+                    out.append(f"{indent}   {'* -' if k == 0 else '  -'} {cell or '..'}".rstrip())
+            out.append("")
+            i = j
+        else:
+            out.append(lines[i])
+            i += 1
+    return out
+
+
 def _process_docstring(app, what, name, obj, options, lines) -> None:
     entry = _by_qualname().get(name)
     if entry is not None and entry.kind in ("class", "data"):
         lines[:] = documentation(entry)
+    lines[:] = markdown_tables(lines)
 
 
 def _skip_member(app, what, name, obj, skip, options):
@@ -385,11 +466,35 @@ EXTERNAL = frozenset(
 _DOTTED_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
+def exists_in_gradtx(target: str) -> bool:
+    """Whether ``target`` names an object: ``gradtx.a.b``, or ``a.b`` with ``a`` in a gradtx module."""
+    first, *rest = target.split(".")
+    if first == "gradtx":
+        starts = [importlib.import_module("gradtx")]
+    else:  # the modules are imported already: gradtx, and by `entries` the optional ones
+        modules = [importlib.import_module(m) for m in ("gradtx", *_submodules())]
+        starts = [vars(m)[first] for m in modules if first in vars(m)]
+    for obj in starts:
+        for part in rest:
+            if inspect.ismodule(obj) and not hasattr(obj, part):
+                try:
+                    importlib.import_module(f"{obj.__name__}.{part}")
+                except ImportError:
+                    break
+            if not hasattr(obj, part):
+                break
+            obj = getattr(obj, part)
+        else:
+            return True
+    return False
+
+
 def _missing_reference(app, env, node, contnode):
     """A single-backtick name resolves to its public entry: `chain`, `gradtx.base.chain`,
     `gradtx.chain` all link to ``gradtx.chain``, `SweepResult.rows` to ``gradtx.SweepResult.rows``.
-    A name that still resolves to nothing is a warning (a typo, or a name that was removed), unless it
-    belongs to another library (`EXTERNAL`: `jax.vmap`, `optax.chain`)."""
+    A name with no entry of its own (an internal one such as `Run`) is shown unlinked if it exists in
+    gradtx; one that names nothing is a warning (a typo, or a name that was removed), unless it belongs to
+    another library (`EXTERNAL`: `jax.vmap`, `optax.chain`)."""
     if node.get("refdomain") != "py":
         return None
     target = node.get("reftarget", "")
@@ -403,11 +508,16 @@ def _missing_reference(app, env, node, contnode):
         found = py.resolve_xref(env, node["refdoc"], app.builder, "obj", candidate, node, contnode)
         if found is not None:
             return found
-    if node.get("reftype") == "obj" and _DOTTED_NAME.match(target) and target.split(".")[0] not in EXTERNAL:
+    if (
+        node.get("reftype") == "obj"
+        and _DOTTED_NAME.match(target)
+        and target.split(".")[0] not in EXTERNAL
+        and not exists_in_gradtx(target)
+    ):
         from sphinx.util import logging
 
         logging.getLogger(__name__).warning(
-            "gradtx_api: `%s` names no documented object (a typo? a library missing from EXTERNAL?)",
+            "gradtx_api: `%s` names nothing in gradtx (a typo? a library missing from EXTERNAL?)",
             target,
             location=node,
             type="ref",
