@@ -209,14 +209,14 @@ def test_python_blocks_run(path, monkeypatch):
     run_blocks(code_blocks(path.read_text(encoding="utf-8"), rel), PREAMBLES.get(rel, ""))
 
 
-def test_readme_blocks_are_found_and_run():
+def test_readme_python_blocks_are_found():
     blocks = code_blocks((ROOT / "README.md").read_text(encoding="utf-8"), "README.md")
     runnable = [b for b in blocks if b.runs]
     assert len(runnable) >= 5, [b.info for b in blocks]
     assert any("gradtx.adam(" in b.code for b in runnable)
 
 
-def test_blocks_that_are_not_python_are_marked_explicitly():
+def test_python_fences_take_no_option_but_no_run():
     # A ```python block that must not run says ``no-run``; anything else in a python fence runs.
     for path in MARKDOWN:
         for b in code_blocks(path.read_text(encoding="utf-8"), str(path)):
