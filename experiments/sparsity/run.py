@@ -1,13 +1,17 @@
-"""The course's three ways to a sparse model, compared on scikit-learn's digits.
+"""The course's three ways to a sparse model, and FTRL's l1, compared on scikit-learn's digits.
 
-An MLP 64-128-64-10 is trained with SGD + momentum. At each target sparsity of its kernels (biases are
-not pruned, as in TF-MOT), the three ways are compared on test accuracy:
+An MLP 64-128-64-10 is trained with SGD + momentum (ways 1 to 3) or FTRL (way 4). At each target
+sparsity of its kernels (biases are not pruned, as in TF-MOT), the four ways are compared on test
+accuracy:
 
 1. zero the tiny weights: train dense, then `gradtx.prune_by_magnitude` (no retraining);
 2. strong l1: train with `gradtx.l1` on the kernels, then zero the tiny weights; the l1 rate is picked
    per sparsity on a validation split, from a grid;
 3. gradual magnitude pruning: `gradtx.magnitude_pruning` with TF-MOT's polynomial-decay schedule,
-   from 0 to the target between 20% and 70% of training, then training on with the mask fixed.
+   from 0 to the target between 20% and 70% of training, then training on with the mask fixed;
+4. FTRL + l1: train with `gradtx.ftrl`, whose l1 term (on the kernels) sets weights to exactly 0; no
+   pruning: at each target, the l1 rate is picked on the validation split among those whose runs
+   reach the target with their exact zeros alone.
 
 Every configuration (seed x method x sparsity or l1 rate) is one lane of a single vmapped, jitted
 training run. Prints the table and writes ``results.md`` and ``accuracy_vs_sparsity.png`` here.
@@ -27,6 +31,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 import gradtx
+from gradtx.ftrl import ftrl
 
 HERE = Path(__file__).parent
 SIZES = (64, 128, 64, 10)
@@ -35,6 +40,11 @@ SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 L1_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
 STEPS, BATCH, LEARNING_RATE, MOMENTUM = 1500, 64, 0.05, 0.9
 BEGIN, END, FREQUENCY = 300, 1050, 25  # pruning from 20% to 70% of training, every 25 steps
+# FTRL: learning rate and initial accumulator picked in a preliminary run (seed 0). Keras's default
+# initial_accumulator_value=0.1 forgets the random initialization (the first weights are
+# (1 - sqrt(n_0 / n_1)) * w_0 - ...), and the MLP then trains poorly.
+FTRL_LEARNING_RATE, FTRL_INITIAL_ACCUMULATOR = 0.05, 1e-6
+FTRL_L1 = (0.01, 0.05, 0.1, 0.2, 0.25)  # l1_regularization_strength: |z| <= l1 gives a weight of exactly 0
 
 
 def data():
@@ -83,9 +93,20 @@ def optimizer(l1_rate, target_sparsity, prune):
     return gradtx.chain(*parts)
 
 
-def train(train_set, seed, l1_rate, target_sparsity, prune):
+def ftrl_optimizer(l1_rate):
+    """FTRL with the l1 term on the kernels only (the biases get FTRL without it)."""
+    kernels = ftrl(
+        FTRL_LEARNING_RATE,
+        initial_accumulator_value=FTRL_INITIAL_ACCUMULATOR,
+        l1_regularization_strength=l1_rate,
+    )
+    biases = ftrl(FTRL_LEARNING_RATE, initial_accumulator_value=FTRL_INITIAL_ACCUMULATOR)
+    label = lambda path, leaf: "kernel" if gradtx.weights_only(path, leaf) else "bias"  # noqa: E731
+    return gradtx.partition({"kernel": kernels, "bias": biases}, label)
+
+
+def train(train_set, seed, tx):
     x, y = train_set
-    tx = optimizer(l1_rate, target_sparsity, prune)
     params = init_mlp(jax.random.key(seed))
     batches = jax.random.randint(jax.random.key(1000 + seed), (STEPS, BATCH), 0, len(y))
 
@@ -113,9 +134,13 @@ def main():
     def lanes(fn, values):
         return jax.vmap(lambda s: jax.vmap(lambda v: fn(s, v))(values))(seeds)
 
-    dense = jax.jit(lambda: lanes(lambda s, v: train(train_set, s, 0.0, 0.0, False), jnp.zeros(1)))()
-    l1_runs = jax.jit(lambda: lanes(lambda s, r: train(train_set, s, r, 0.0, False), rates))()
-    gradual = jax.jit(lambda: lanes(lambda s, t: train(train_set, s, 0.0, t, True), levels))()
+    dense = jax.jit(
+        lambda: lanes(lambda s, v: train(train_set, s, optimizer(0.0, 0.0, False)), jnp.zeros(1))
+    )()
+    l1_runs = jax.jit(lambda: lanes(lambda s, r: train(train_set, s, optimizer(r, 0.0, False)), rates))()
+    gradual = jax.jit(lambda: lanes(lambda s, t: train(train_set, s, optimizer(0.0, t, True)), levels))()
+    ftrl_rates = jnp.asarray(FTRL_L1)
+    ftrl_runs = jax.jit(lambda: lanes(lambda s, r: train(train_set, s, ftrl_optimizer(r)), ftrl_rates))()
 
     def prune_all(params):  # the trained models pruned to every level: seeds x models x levels
         prune = lambda p, t: gradtx.prune_by_magnitude(p, t, mask=gradtx.weights_only)  # noqa: E731
@@ -133,6 +158,12 @@ def main():
     l1_val, l1_test = evaluate(l1_pruned, val_set), evaluate(l1_pruned, test_set)
     best = l1_val.mean(0).argmax(0)  # per level, the rate with the best mean validation accuracy
     l1_acc = np.stack([l1_test[:, r, i] for i, r in enumerate(best)], axis=1)
+    ftrl_exact = np.asarray(jax.vmap(jax.vmap(kernel_sparsity))(ftrl_runs))  # seeds x rates
+    ftrl_val, ftrl_test = evaluate(ftrl_runs, val_set), evaluate(ftrl_runs, test_set)  # seeds x rates
+    ftrl_choice = []  # per level: the rate (reaching the level in every seed) best on validation, or None
+    for level in SPARSITIES:
+        reaching = [j for j in range(len(FTRL_L1)) if ftrl_exact[:, j].min() >= level]
+        ftrl_choice.append(max(reaching, key=lambda j: ftrl_val[:, j].mean()) if reaching else None)
     gradual_acc = evaluate(gradual, test_set)  # seeds x levels
     reached = np.asarray(jax.vmap(jax.vmap(kernel_sparsity))(gradual))
     tiny = lambda p: jax.tree.map(lambda w: jnp.where(jnp.abs(w) < 1e-3, 0, w), p)  # noqa: E731
@@ -143,9 +174,14 @@ def main():
     def cell(a):
         return f"{100 * a.mean():.1f} ± {100 * a.std():.1f}"
 
+    def ftrl_cell(j):
+        if j is None:
+            return "not reached"
+        return f"{cell(ftrl_test[:, j])} (l1 = {FTRL_L1[j]:g}: {100 * ftrl_exact[:, j].mean():.1f}% zeros)"
+
     rows = [
         f"| {s:.0%} | {cell(zero_tiny[:, i])} | {cell(l1_acc[:, i])} (l1 = {L1_RATES[best[i]]:g}) "
-        f"| {cell(gradual_acc[:, i])} |"
+        f"| {cell(gradual_acc[:, i])} | {ftrl_cell(ftrl_choice[i])} |"
         for i, s in enumerate(SPARSITIES)
     ]
     natural = "; ".join(
@@ -153,19 +189,24 @@ def main():
         f"{100 * l1_tiny[:, j].mean():.0f}% below 1e-3"
         for j, r in enumerate(L1_RATES)
     )
+    ftrl_natural = "; ".join(
+        f"l1 = {r:g}: {100 * ftrl_exact[:, j].mean():.1f}% exactly 0 at {cell(ftrl_test[:, j])}% accuracy"
+        for j, r in enumerate(FTRL_L1)
+    )
     table = "\n".join(
         [
             "| kernel sparsity | zero tiny weights | strong l1, then zero tiny weights "
-            "| gradual magnitude pruning |",
-            "|---:|---:|---:|---:|",
+            "| gradual magnitude pruning | FTRL + l1, no pruning |",
+            "|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )
     n_kernel = sum(a * b for a, b in itertools.pairwise(SIZES))
-    report = f"""# Three ways to a sparse model (digits)
+    report = f"""# Three ways to a sparse model, and FTRL's l1 (digits)
 
 MLP {"-".join(map(str, SIZES))} ({n_kernel} kernel weights), SGD with momentum (learning rate
-{LEARNING_RATE}, momentum {MOMENTUM}), {STEPS} steps of batches of {BATCH} from 1000 training images;
+{LEARNING_RATE}, momentum {MOMENTUM}) or FTRL (last column), {STEPS} steps of batches of {BATCH}
+from 1000 training images;
 test accuracy (%) on 500 held-out images, mean ± std over seeds {list(SEEDS)}. Sparsity is that of
 the kernels (biases are kept). Dense accuracy: {cell(dense_acc)}.
 
@@ -177,6 +218,15 @@ the kernels (biases are kept). Dense accuracy: {cell(dense_acc)}.
 * gradual magnitude pruning: `magnitude_pruning(polynomial_decay_sparsity(0, target, {BEGIN}, {END},
   frequency={FREQUENCY}))` on the kernels; the sparsity reached equals the target in every run
   (largest gap {np.abs(reached - np.asarray(SPARSITIES)[None]).max():.4f}).
+* FTRL + l1: `ftrl({FTRL_LEARNING_RATE}, initial_accumulator_value={FTRL_INITIAL_ACCUMULATOR:g},
+  l1_regularization_strength=rate)` on the kernels (FTRL without l1 on the biases), nothing pruned:
+  unlike SGD + l1, FTRL's l1 term makes weights exactly 0 (a weight is 0 whenever its accumulated
+  gradient |z| is at most l1). Per rate: {ftrl_natural}. At each target the rate is picked on the
+  validation images among those that reach it in every seed (the cell gives the sparsity reached,
+  which may exceed the target); "not reached": no rate of {list(FTRL_L1)} does. The learning rate
+  and initial accumulator were picked in a preliminary run on seed 0; with Keras's default
+  `initial_accumulator_value=0.1` FTRL forgets most of the random initialization in its first step
+  (the weights become (1 - sqrt(n_0 / n_1)) w_0 - ...) and this MLP trains poorly.
 
 {table}
 
@@ -185,10 +235,10 @@ vmapped).
 """
     (HERE / "results.md").write_text(report)
     print(report)
-    plot(dense_acc, zero_tiny, l1_acc, gradual_acc)
+    plot(dense_acc, zero_tiny, l1_acc, gradual_acc, ftrl_exact, ftrl_test)
 
 
-def plot(dense_acc, zero_tiny, l1_acc, gradual_acc):
+def plot(dense_acc, zero_tiny, l1_acc, gradual_acc, ftrl_exact, ftrl_test):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,6 +252,15 @@ def plot(dense_acc, zero_tiny, l1_acc, gradual_acc):
         (gradual_acc, "gradual magnitude pruning", "^"),
     ):
         ax.errorbar(x, 100 * acc.mean(0), yerr=100 * acc.std(0), marker=marker, capsize=3, label=label)
+    # FTRL's points sit at the sparsity each l1 rate reached (its exact zeros), not at a target.
+    ax.errorbar(
+        ftrl_exact.mean(0),
+        100 * ftrl_test.mean(0),
+        yerr=100 * ftrl_test.std(0),
+        marker="D",
+        capsize=3,
+        label="FTRL + l1 (exact zeros, no pruning)",
+    )
     ax.axhline(100 * dense_acc.mean(), color="gray", linestyle="--", label="dense")
     ax.set_xlabel("kernel sparsity")
     ax.set_ylabel("test accuracy (%)")
