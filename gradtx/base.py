@@ -78,6 +78,8 @@ def chain(*transforms: Transformation) -> Transformation:
 
     def update(updates, state, params=None, **extra):
         step = extra.pop("step", state.step)
+        if params is not None:
+            updates = _floating_like_params(updates, params)
         inner = []
         for t, s, takes_extra in zip(transforms, state.inner, extra_ok, strict=True):
             kwargs = {**extra, "step": step} if takes_extra else {}
@@ -86,6 +88,22 @@ def chain(*transforms: Transformation) -> Transformation:
         return updates, ChainState(next_step(jnp.asarray(step, jnp.int32)), tuple(inner))
 
     return Transformation(init, update)
+
+
+def _floating_like_params(updates: Updates, params: Params) -> Updates:
+    """Integer updates of floating params (a hand-made gradient) in the params' dtype, so that they are
+    transformed like any gradient instead of passing through (and being added) unscaled. Integer params
+    keep their integer (or float0) updates, which pass through."""
+    flat_u, treedef = jax.tree.flatten(updates)
+    try:
+        flat_p = treedef.flatten_up_to(params)
+    except (ValueError, TypeError):
+        return updates  # mismatched trees: the members' own checks name the difference
+    cast = [
+        u.astype(jnp.result_type(p)) if _is_integer(u) and is_float(p) else u
+        for u, p in zip(flat_u, flat_p, strict=True)
+    ]
+    return treedef.unflatten(cast)
 
 
 def step_count(state: State) -> jax.Array:
@@ -97,22 +115,35 @@ def step_count(state: State) -> jax.Array:
 
 
 def is_float(x: Any) -> bool:
-    """Whether a leaf is transformed: floating arrays are, integer, bool and float0 leaves pass through."""
-    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    """Whether a leaf is transformed: floating and complex arrays are; integer, bool and float0 leaves
+    pass through. (Complex leaves follow optax's convention: the update of ``z`` is computed from the
+    conjugate of ``jax.grad``'s output, which `gradtx.fit` passes; second moments use ``|g|^2``.)"""
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def zeros_like_state(p: Any, dtype: Any = None) -> jax.Array:
+def real_dtype(dtype: Any) -> Any:
+    """The real counterpart of a floating or complex dtype (``complex64 -> float32``)."""
+    return jnp.finfo(dtype).dtype
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|^2``: ``x*x`` for real ``x``, ``re^2 + im^2`` (real) for complex ``x``."""
+    return jnp.square(x.real) + jnp.square(x.imag) if jnp.iscomplexobj(x) else jnp.square(x)
+
+
+def zeros_like_state(p: Any, dtype: Any = None, real: bool = False) -> jax.Array:
     """An accumulator for leaf ``p``: at least float32, so bf16 params do not get bf16 moments
-    (unless ``dtype`` asks for a given floating dtype, e.g. a reduced-precision first moment).
+    (unless ``dtype`` asks for a given floating dtype, e.g. a reduced-precision first moment);
+    ``real`` gives a complex leaf a real accumulator (a second moment ``|g|^2``).
 
-    Outside ``jit`` it is placed with ``p``'s sharding, so the state of sharded params is sharded the
-    same way (no replicated copies); inside ``jit``, pass ``out_shardings`` or let XLA propagate.
+    It has ``p``'s sharding (also inside ``jit`` under a mesh with explicit axes) and is committed to
+    a device only if ``p`` is: a state built from uncommitted params would otherwise differ from the
+    params in the eyes of ``jax.jit``, and a jitted step would compile twice.
     """
     if not is_float(p):
         return jnp.zeros([], jnp.float32)  # a placeholder: non-float leaves are never updated
-    sharding = p.sharding if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) else None
     dtype = jnp.promote_types(jnp.result_type(p), jnp.float32) if dtype is None else dtype
-    return jnp.zeros(jnp.shape(p), dtype, device=sharding)
+    return jnp.zeros_like(p, dtype=real_dtype(dtype) if real else dtype)
 
 
 def _mismatch(owner: str, updates: Any, reference: Any) -> ValueError:
@@ -161,8 +192,12 @@ def leafwise(owner: str, fn: Callable[..., tuple], updates: Updates, *trees: Any
     return tuple(treedef.unflatten(list(column)) for column in zip(*outs, strict=True))
 
 
+def _is_integer(x: Any) -> bool:
+    return x is not None and jnp.issubdtype(jnp.result_type(x), jnp.integer)
+
+
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """``theta <- theta + u`` for every floating leaf, keeping each leaf's dtype.
+    """``theta <- theta + u`` for every floating (or complex) leaf, keeping each leaf's dtype.
 
     Non-floating leaves (integers, bools) and leaves whose update is ``None`` are returned untouched.
     """

@@ -46,10 +46,13 @@ def reduce_on_plateau(
     """Performance scheduling:  ``u <- scale * g``,  with ``scale <- max(scale * factor, min_scale)`` once
     the monitored value has not improved for ``patience`` measurements.
 
-    Pass the value as ``update(..., value=v)`` at the steps where it was measured; a step without
-    ``value`` leaves the plateau logic untouched. Inside a compiled loop, where every step must have the
-    same signature, pass ``measured=`` (a bool array) to say which steps' ``value`` counts. A reduction
-    decided at a step already scales that step's update.
+    Pass the monitored value at every update, ``update(..., value=v, measured=m)``: ``measured`` (a bool,
+    default True) says whether ``v`` is a new measurement; at the steps in between pass the last value
+    with ``measured=False``, which leaves the plateau logic untouched (one signature for every step, as
+    a compiled loop needs; `gradtx.fit` does this with ``plateau_metric=``). A missing ``value`` is an
+    error rather than a silent no-op: it is what happens inside ``optax.chain``, which drops the extra
+    arguments of transformations that are not optax's own. A reduction decided at a step already
+    scales that step's update.
 
     Per measurement ``v``, as Keras's ``ReduceLROnPlateau`` (``min_lr = min_scale * learning_rate``):
 
@@ -99,13 +102,19 @@ def reduce_on_plateau(
         )
 
     def update(updates, state, params=None, *, step=None, value=None, measured=True, **extra):
+        if value is None:
+            raise ValueError(
+                "reduce_on_plateau: update needs value= (the monitored value) at every step, with "
+                "measured=False at the steps where nothing new was measured. None arrived: inside "
+                "optax.chain this happens because optax drops the extra arguments of transformations "
+                "that are not its own; chain reduce_on_plateau with gradtx.chain instead"
+            )
         h, hp = spec.resolve(state.hyperparams, step, **extra)
         state = state._replace(hyperparams=hp)
-        if value is not None:
-            if jnp.ndim(value) != 0:
-                raise ValueError(f"reduce_on_plateau: value must be a scalar, got shape {jnp.shape(value)}")
-            new = observe(state, h, value)
-            state = jax.tree.map(lambda a, b: jnp.where(measured, a, b), new, state)
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"reduce_on_plateau: value must be a scalar, got shape {jnp.shape(value)}")
+        new = observe(state, h, value)
+        state = jax.tree.map(lambda a, b: jnp.where(measured, a, b), new, state)
         (updates,) = leafwise("reduce_on_plateau", lambda g: ((g * state.scale).astype(g.dtype),), updates)
         return updates, state
 

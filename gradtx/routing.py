@@ -5,10 +5,13 @@
 a labelling) is decided per leaf, once, from the leaf's path, shape and dtype, and may be given as
 
 * a pytree of bools (labels) with the params' structure, or a prefix of it (``{"dense": True}``
-  covers every leaf under ``"dense"``);
-* a function ``(path, leaf) -> bool`` (``-> label``), e.g. `weights_only`;
-* for masks, a glob pattern on the path, or a list of patterns (a leaf is selected if any matches);
-  for labels, `label_by_path` turns ``{pattern: label}`` rules into such a function.
+  covers every leaf under ``"dense"``; a single label ``"adam"`` labels every leaf), also a pytree
+  that is callable, such as an equinox module of bools;
+* a function ``(path, leaf) -> bool`` (``-> label``), e.g. `weights_only`, or optax's form, a
+  function ``params -> tree of bools`` (``-> tree of labels``): one required argument means the latter;
+* for masks, a glob pattern on the path, or a list of patterns (a leaf is selected if any matches;
+  a pattern that matches no parameter is an error, not a silent no-op); for labels,
+  `label_by_path` turns ``{pattern: label}`` rules into a function (label strings are never patterns).
 
 Paths are the keys joined with ``/``: ``"params/Dense_0/kernel"`` for Flax Linen,
 ``"hidden/kernel"`` for ``nnx.state(model, nnx.Param)`` (the ``.value`` of NNX's Variable wrapper
@@ -21,6 +24,7 @@ The inner transformation sees the unselected leaves as ``None``, so its state ho
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -91,18 +95,44 @@ def _is_patterns(spec: Any) -> bool:
     )
 
 
-def resolve(owner: str, spec: Any, tree: Any) -> list[Any]:
+def _takes_tree(fn: Callable) -> bool:
+    """Whether a mask/label function is optax's kind, ``params -> tree``, rather than ``(path, leaf)``."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    return len(required) == 1 and not any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+def resolve(owner: str, spec: Any, tree: Any, patterns: bool = True) -> list[Any]:
     """One mask value (or label) per leaf of ``tree``, in ``jax.tree.flatten`` order with ``None``
-    leaves included (their entry is ``None``: there is nothing to route)."""
+    leaves included (their entry is ``None``: there is nothing to route).
+
+    ``spec`` is a pytree (a prefix of ``tree``), a function ``(path, leaf) -> value``, a function
+    ``tree -> tree of values`` (optax's form), or, with ``patterns``, glob patterns on the paths, each
+    of which must match some leaf (a pattern that matches nothing is a typo that would silently route
+    nothing)."""
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
-    if _is_patterns(spec):
-        patterns = [spec] if isinstance(spec, str) else list(spec)
-        spec_fn = lambda path, leaf: any(fnmatch.fnmatchcase(path, p) for p in patterns)  # noqa: E731
-    elif callable(spec):
-        spec_fn = spec
-    else:
-        return _resolve_tree(owner, spec, tree)
-    return [None if leaf is None else spec_fn(path_string(path), leaf) for path, leaf in flat]
+    paths = [path_string(path) for path, _ in flat]
+    if patterns and _is_patterns(spec):
+        globs = [spec] if isinstance(spec, str) else list(spec)
+        unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(p, g) for p in paths)]
+        if unmatched:
+            raise ValueError(f"{owner}: the pattern(s) {unmatched} match no parameter; the paths are {paths}")
+        return [
+            None if leaf is None else any(fnmatch.fnmatchcase(path, g) for g in globs)
+            for path, (_, leaf) in zip(paths, flat, strict=True)
+        ]
+    # A callable that is also a container (an equinox-style module of bools) is a tree, not a function.
+    if callable(spec) and jax.tree.leaves(spec) == [spec]:
+        if _takes_tree(spec):
+            return _resolve_tree(owner, spec(tree), tree)
+        return [
+            None if leaf is None else spec(path, leaf) for path, (_, leaf) in zip(paths, flat, strict=True)
+        ]
+    return _resolve_tree(owner, spec, tree)
 
 
 def _resolve_tree(owner: str, spec: Any, tree: Any) -> list[Any]:
@@ -150,8 +180,9 @@ def masked(inner: Transformation, mask: MaskSpec) -> Transformation:
     """``u_i <- inner(g)_i`` where ``mask_i``, else ``u_i <- g_i``.
 
     ``mask``: a pytree of bools (or a prefix of the params' tree), a function ``(path, leaf) -> bool``
-    such as `weights_only`, or glob patterns on the path such as ``"*/kernel"`` (see the module
-    docstring). ``chain``'s ``step`` and other extra arguments reach ``inner``.
+    such as `weights_only` (or ``params -> tree of bools``), or glob patterns on the path such as
+    ``"*/kernel"``, each of which must match a parameter (see the module docstring). ``chain``'s
+    ``step`` and other extra arguments reach ``inner``.
     """
 
     def keep(tree) -> list[bool]:
@@ -181,8 +212,9 @@ class PartitionState(NamedTuple):
 def partition(transforms: Mapping[Hashable, Transformation], labels: LabelSpec) -> Transformation:
     """``u_i <- transforms[label_i](g)_i``: each leaf goes through the transformation of its label.
 
-    ``labels``: a pytree of labels (or a prefix of the params' tree), or a function
-    ``(path, leaf) -> label`` such as ``label_by_path({"*/kernel": "decay"}, default="plain")``.
+    ``labels``: a pytree of labels (or a prefix of the params' tree, e.g. one label for all), a function
+    ``(path, leaf) -> label`` such as ``label_by_path({"*/kernel": "decay"}, default="plain")``, or
+    optax's form, a function ``params -> tree of labels``.
     Every leaf needs a label that ``transforms`` has. Each transformation keeps its own state (and,
     if it is a `chain`, its own step count, which an enclosing chain overrides).
     """
@@ -191,7 +223,8 @@ def partition(transforms: Mapping[Hashable, Transformation], labels: LabelSpec) 
         raise ValueError("partition: transforms is empty; give at least one {label: transformation}")
 
     def assign(tree) -> dict[Hashable, list[bool]]:
-        values = resolve("partition", labels, tree)
+        # Labels are values, never glob patterns: "a" labels every leaf, ("a", "b") a tuple of two.
+        values = resolve("partition", labels, tree, patterns=False)
         paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]]
         for path, v in zip(paths, values, strict=True):
             if v is not None and v not in transforms:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import operator
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
@@ -50,6 +49,8 @@ class EarlyStopping(NamedTuple):
     evaluation ``wait`` counts the evaluations since the last improvement, and the run stops at an
     evaluation that does not improve once ``wait >= patience`` (``patience=0``: at the first one that
     does not improve; never at the first evaluation). Under a sweep each configuration stops on its own.
+    A NaN metric is never an improvement (where Keras would keep a NaN first value as its best and stop
+    at the next evaluation, here the run goes on).
 
     ``restore_best_weights`` (Keras's option of the same name): the result's params are those of the
     evaluation with the best metric, whether or not the run stopped; the optimizer state is the last
@@ -400,22 +401,19 @@ def metric_shapes(owner: str, loop: Loop, single_params: Params) -> dict:
     return shapes
 
 
-def check_plateau(owner: str, loop: Loop, opt_state: State) -> None:
+def check_plateau(owner: str, loop: Loop, opt_states: tuple) -> None:
     """A plateau metric with no reduce_on_plateau to feed, or the reverse, would silently do nothing."""
-    has = any(
-        isinstance(x, PlateauState)
-        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PlateauState))
-    )
-    if loop.plateau_metric is not None and not has:
+    is_plateau = lambda x: isinstance(x, PlateauState)  # noqa: E731
+    has = [any(map(is_plateau, jax.tree.leaves(s, is_leaf=is_plateau))) for s in opt_states]
+    if loop.plateau_metric is not None and not any(has):
         raise ValueError(
-            f"{owner}: plateau_metric={loop.plateau_metric!r} is given but the optimizer has no "
+            f"{owner}: plateau_metric={loop.plateau_metric!r} is given but no optimizer has a "
             "gradtx.reduce_on_plateau to feed it to; chain one after the optimizer, or drop plateau_metric"
         )
-    if loop.plateau_metric is None and has:
-        warnings.warn(
-            f"{owner}: the optimizer has a reduce_on_plateau but no plateau_metric= is given, so it is "
-            "never fed a value and never reduces the rate; pass plateau_metric='<an eval_fn metric>'",
-            stacklevel=3,
+    if loop.plateau_metric is None and any(has):
+        raise ValueError(
+            f"{owner}: the optimizer has a gradtx.reduce_on_plateau, which needs a value at every step: "
+            "pass plateau_metric='<a metric of eval_fn>' (and eval_fn, eval_every)"
         )
 
 
@@ -449,8 +447,7 @@ def initial_runs(
             # not tied to the params' sharding by XLA, so place them explicitly.
             run = jax.device_put(run, sharding)
         carry.append(run)
-    for run in carry:
-        check_plateau(owner, p.loop, run.opt_state)
+    check_plateau(owner, p.loop, tuple(run.opt_state for run in carry))
     return tuple(carry)
 
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradtx.base import Params, Transformation, Updates, leafwise, zeros_like_state
+from gradtx.base import Params, Transformation, Updates, abs_sq, leafwise, zeros_like_state
 from gradtx.hyper import NONNEGATIVE, UNIT_INTERVAL, Hyper, Hyperparams, HyperSpec, check_value
 
 
@@ -25,8 +25,14 @@ def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
     return x.astype(jnp.result_type(ref))
 
 
-def _zeros(params: Params, dtype: Any = None) -> Updates:
-    return jax.tree.map(lambda p: zeros_like_state(p, dtype), params)
+def _zeros(params: Params, dtype: Any = None, real: bool = False) -> Updates:
+    """Zeros like each leaf (``real``: a real accumulator for complex leaves, for ``|g|^2``)."""
+    return jax.tree.map(lambda p: zeros_like_state(p, dtype, real), params)
+
+
+def _wide(g: jax.Array, state: jax.Array) -> jax.Array:
+    """``g`` in the precision of the step: at least the state's (float32), complex if ``g`` is."""
+    return g.astype(jnp.promote_types(g.dtype, state.dtype))
 
 
 def _state_dtype(owner: str, name: str, dtype: Any) -> Any:
@@ -112,14 +118,16 @@ def scale_by_adagrad(initial_accumulator_value: float = 0.1, epsilon: Hyper = 1e
     spec = HyperSpec("scale_by_adagrad", epsilon=(epsilon, NONNEGATIVE))
 
     def init(params):
-        start = jax.tree.map(lambda z: z + jnp.asarray(initial_accumulator_value, z.dtype), _zeros(params))
+        start = jax.tree.map(
+            lambda z: z + jnp.asarray(initial_accumulator_value, z.dtype), _zeros(params, real=True)
+        )
         return AdagradState(start, spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
         h, hp = spec.resolve(state.hyperparams, step, **extra)
 
         def leaf(g, s):
-            s = s + jnp.square(g.astype(s.dtype))
+            s = s + abs_sq(_wide(g, s))
             return _like(g / jnp.sqrt(s + h["epsilon"]), g), s
 
         updates, accumulator = leafwise("scale_by_adagrad", leaf, updates, state.accumulator)
@@ -143,20 +151,20 @@ def scale_by_rms(rho: Hyper = 0.9, epsilon: Hyper = 1e-7, centered: bool = False
     spec = HyperSpec("scale_by_rms", rho=(rho, UNIT_INTERVAL), epsilon=(epsilon, NONNEGATIVE))
 
     def init(params):
-        return RmsState(_zeros(params), _zeros(params) if centered else None, spec.init())
+        return RmsState(_zeros(params, real=True), _zeros(params) if centered else None, spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
         h, hp = spec.resolve(state.hyperparams, step, **extra)
         r, eps = h["rho"], h["epsilon"]
 
         def leaf(g, v, *mean):
-            g32 = g.astype(v.dtype)
-            v = r * v + (1 - r) * jnp.square(g32)
+            g32 = _wide(g, v)
+            v = r * v + (1 - r) * abs_sq(g32)
             if not centered:
                 return _like(g32 / jnp.sqrt(v + eps), g), v
             (gbar,) = mean
             gbar = r * gbar + (1 - r) * g32
-            return _like(g32 / jnp.sqrt(v - jnp.square(gbar) + eps), g), v, gbar
+            return _like(g32 / jnp.sqrt(v - abs_sq(gbar) + eps), g), v, gbar
 
         trees = (state.nu, state.mean) if centered else (state.nu,)
         updates, nu, *mean = leafwise("scale_by_rms", leaf, updates, *trees)
@@ -199,8 +207,8 @@ def scale_by_adam(
     mu_dtype = _state_dtype("scale_by_adam", "mu_dtype", mu_dtype)
 
     def init(params):
-        nu_max = _zeros(params) if amsgrad else None
-        return AdamState(_zeros(params, mu_dtype), _zeros(params), nu_max, spec.init())
+        nu_max = _zeros(params, real=True) if amsgrad else None
+        return AdamState(_zeros(params, mu_dtype), _zeros(params, real=True), nu_max, spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
         h, hp = spec.resolve(state.hyperparams, step, **extra)
@@ -209,10 +217,10 @@ def scale_by_adam(
         correction = jnp.sqrt(1 - jnp.power(b2, t)) / (1 - jnp.power(b1, t))
 
         def leaf(g, m, v, *vmax):
-            stored, m = m.dtype, m.astype(v.dtype)  # the step computes in v's precision
-            g32 = g.astype(v.dtype)
+            g32 = _wide(g, v)  # the step computes in v's precision (complex for complex leaves)
+            stored, m = m.dtype, m.astype(g32.dtype)
             m = m + (g32 - m) * (1 - b1)
-            v = v + (jnp.square(g32) - v) * (1 - b2)
+            v = v + (abs_sq(g32) - v) * (1 - b2)
             vmax = tuple(jnp.maximum(w, v) for w in vmax)
             denominator = jnp.sqrt(vmax[0] if amsgrad else v) + eps
             return (_like(m * correction / denominator, g), m.astype(stored), v, *vmax)
@@ -244,7 +252,7 @@ def scale_by_adamax(beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper =
     )
 
     def init(params):
-        return AdamaxState(_zeros(params), _zeros(params), spec.init())
+        return AdamaxState(_zeros(params), _zeros(params, real=True), spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
         h, hp = spec.resolve(state.hyperparams, step, **extra)
@@ -287,7 +295,7 @@ def scale_by_nadam(beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper = 
     )
 
     def init(params):
-        return NadamState(_zeros(params), _zeros(params), jnp.ones([], jnp.float32), spec.init())
+        return NadamState(_zeros(params), _zeros(params, real=True), jnp.ones([], jnp.float32), spec.init())
 
     def update(updates, state, params=None, *, step=None, **extra):
         h, hp = spec.resolve(state.hyperparams, step, **extra)
@@ -302,7 +310,7 @@ def scale_by_nadam(beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper = 
         def leaf(g, m, v):
             g32 = g.astype(m.dtype)
             m = m + (g32 - m) * (1 - b1)
-            v = v + (jnp.square(g32) - v) * (1 - b2)
+            v = v + (abs_sq(g32) - v) * (1 - b2)
             m_hat = mu_next * m / (1 - product_next) + (1 - mu_t) * g32 / (1 - product)
             return _like(m_hat / (jnp.sqrt(v / v_correction) + eps), g), m, v
 
@@ -317,11 +325,12 @@ class WeightDecayState(NamedTuple):
 
 
 def add_decayed_weights(weight_decay: Hyper) -> Transformation:
-    """Decoupled weight decay:  ``u <- g + lambda * theta``  (Loshchilov & Hutter, 2019).
+    """Adds the decay term to a direction:  ``u <- g + lambda * theta``  (the building block of AdamW).
 
-    Before `scale_by_learning_rate` (as in `adamw`) the decay is scaled by the learning rate, which is
-    Keras's ``theta <- theta - eta*lambda*theta``. Not after it: the sign would then grow the weights;
-    after a complete optimizer use `gradtx.decoupled_weight_decay`, which subtracts.
+    It belongs *before* `scale_by_learning_rate`, which turns ``g + lambda*theta`` into the decoupled
+    step ``-eta*(g + lambda*theta)`` (Loshchilov & Hutter, 2019; as in `adamw`). Chained after a
+    complete optimizer, whose output is already a step, it would add ``+lambda*theta`` and grow the
+    weights: there use `gradtx.with_weight_decay` (or `gradtx.decoupled_weight_decay`), which subtract.
     """
     spec = HyperSpec("add_decayed_weights", weight_decay=(weight_decay, NONNEGATIVE))
 

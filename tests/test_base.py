@@ -128,3 +128,68 @@ def test_gradtx_inside_optax_chain_matches_optax_adam():
         u1, s1 = ours.update(g, s1, g0)
         u2, s2 = reference.update(g, s2, g0)
         np.testing.assert_allclose(u1["w"], u2["w"], rtol=2e-6)
+
+
+def test_an_integer_gradient_of_a_float_param_is_scaled_not_added():
+    # It used to pass through the optimizer untouched: w=[5, 5], g=[3, -3] became [8, 2].
+    params = jnp.array([5.0, 5.0])
+    tx = gradtx.sgd(1.0)
+    u, _ = tx.update(jnp.array([3, -3]), tx.init(params), params)
+    np.testing.assert_array_equal(gradtx.apply_updates(params, u), [2.0, 8.0])
+
+
+@pytest.mark.parametrize(
+    "make, reference",
+    [
+        (lambda: gradtx.sgd(0.1, momentum=0.9), lambda: optax.sgd(0.1, momentum=0.9)),
+        (lambda: gradtx.adam(0.05, epsilon=1e-8), lambda: optax.adam(0.05, eps=1e-8)),
+        (lambda: gradtx.rmsprop(0.01, epsilon=0.0), lambda: optax.rmsprop(0.01, decay=0.9, eps=0.0)),
+    ],
+    ids=["momentum", "adam", "rmsprop"],
+)
+def test_complex_params_train_as_optax_trains_them(make, reference):
+    # optax's convention: optimizers receive the conjugate of jax.grad's output; second moments use
+    # |g|^2. Complex params used to be skipped ("not floating") and their raw gradient added: ascent.
+    target = jnp.array([1.0 + 2.0j, -0.5 + 0.3j, 0.2 - 1.0j], jnp.complex64)
+
+    def loss(z):
+        return jnp.sum(jnp.abs(z - target) ** 2)
+
+    def train(tx):
+        z, state = jnp.zeros(3, jnp.complex64), tx.init(jnp.zeros(3, jnp.complex64))
+        for _ in range(60):
+            u, state = tx.update(jnp.conj(jax.grad(loss)(z)), state, z)
+            z = optax.apply_updates(z, u)
+        return z
+
+    ours, theirs = train(make()), train(reference())
+    assert ours.dtype == jnp.complex64
+    # Adam's epsilon placement differs from optax's by ~eps/sqrt(v): far below float32 resolution here.
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6)
+    assert float(loss(ours)) < 0.5 * float(loss(jnp.zeros(3, jnp.complex64)))
+
+
+def test_fit_trains_complex_params_downhill():
+    target = jnp.array([1.0 + 2.0j, -0.5 + 0.3j], jnp.complex64)
+    result = gradtx.fit(
+        lambda z, batch: jnp.sum(jnp.abs(z - target) ** 2), jnp.zeros(2, jnp.complex64),
+        gradtx.adam(0.1), jnp.zeros((1, 1)), 200,
+    )  # fmt: skip
+    np.testing.assert_allclose(result.params, target, atol=1e-2)
+
+
+def test_a_jitted_step_compiles_once_for_an_optimizer_with_moments():
+    # init used to commit the moments to a device while the params were uncommitted: jax.jit saw two
+    # different signatures and compiled twice (optax: once).
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    tx = gradtx.adam(1e-3)
+
+    @jax.jit
+    def step(params, state):
+        u, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+        return gradtx.apply_updates(params, u), state
+
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = step(params, state)
+    assert step._cache_size() == 1

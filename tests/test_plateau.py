@@ -86,16 +86,26 @@ def test_mode_max_matches_keras_on_an_accuracy():
     np.testing.assert_array_equal(_reductions(ours), _reductions(theirs))
 
 
-def test_steps_without_a_value_leave_the_plateau_logic_untouched():
+def test_steps_not_measured_leave_the_plateau_logic_untouched():
     tx = gradtx.chain(gradtx.sgd(LR), gradtx.reduce_on_plateau(factor=0.5, patience=1))
     state = tx.init(jnp.zeros(2))
     for v in [1.0, 1.0]:  # a reduction at the second measurement
         _, state = tx.update(jnp.ones(2), state, value=v)
     plateau = state.inner[-1]
     for _ in range(5):
-        u, state = tx.update(jnp.ones(2), state)
+        u, state = tx.update(jnp.ones(2), state, value=7.0, measured=False)
     jax.tree.map(np.testing.assert_array_equal, state.inner[-1], plateau)
     np.testing.assert_allclose(u, -LR * 0.5 * np.ones(2), rtol=1e-7)
+
+
+def test_a_missing_value_is_an_error_that_names_optax_chain():
+    # Inside optax.chain the value never arrives (optax drops extra arguments of foreign
+    # transformations): the rate used to stay put silently.
+    import optax
+
+    tx = optax.chain(gradtx.sgd(LR), gradtx.reduce_on_plateau(factor=0.5, patience=1))
+    with pytest.raises(ValueError, match="reduce_on_plateau: update needs value=.*optax.chain"):
+        tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), value=1.0)
 
 
 def test_measured_false_ignores_the_value_inside_a_compiled_loop():

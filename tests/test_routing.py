@@ -14,7 +14,8 @@ PARAMS = {
     "norm": {"scale": jnp.array([2.0, 3.0])},
     "count": jnp.int32(7),
 }
-ONES = jax.tree.map(jnp.ones_like, PARAMS)
+# What jax.grad(..., allow_int=True) gives: ones for the float leaves, float0 for the integer counter.
+ONES = {**jax.tree.map(jnp.ones_like, PARAMS), "count": np.zeros((), jax.dtypes.float0)}
 
 
 DOUBLE = gradtx.Transformation(
@@ -70,9 +71,10 @@ def test_glob_matches_nnx_paths_without_the_variable_value():
 def test_masked_leaves_integers_and_none_untouched():
     params = {**PARAMS, "empty": None}
     tx = gradtx.masked(gradtx.sgd(0.5), lambda path, leaf: True)
-    grads = {**ONES, "count": jnp.int32(5), "empty": None}
+    grads = {**ONES, "empty": None}
     u, _ = tx.update(grads, tx.init(params), params)
-    assert u["empty"] is None and int(u["count"]) == 5
+    assert u["empty"] is None and u["count"].dtype == jax.dtypes.float0
+    assert int(gradtx.apply_updates(params, u)["count"]) == 7
     np.testing.assert_array_equal(u["dense"]["kernel"], -0.5 * np.ones((3, 2)))
 
 
@@ -102,7 +104,7 @@ def test_partition_sends_each_leaf_to_its_label():
     np.testing.assert_array_equal(u["dense"]["kernel"], -1.0)
     np.testing.assert_allclose(u["dense"]["bias"], -0.1)
     np.testing.assert_array_equal(u["norm"]["scale"], 0.0)
-    assert int(u["count"]) == 1
+    assert int(gradtx.apply_updates(PARAMS, u)["count"]) == 7
     assert set(state.inner) == {"fast", "slow", "frozen"}
 
 
@@ -136,3 +138,62 @@ def test_masked_rejects_a_mask_that_is_not_bool():
 def test_masked_rejects_a_tree_that_does_not_match():
     with pytest.raises(ValueError, match="prefix"):
         gradtx.masked(gradtx.identity(), {"other": True}).init(PARAMS)
+
+
+def test_a_single_label_string_labels_every_leaf():
+    # Label strings used to be read as glob patterns: every leaf got the label False.
+    tx = gradtx.partition({"a": gradtx.sgd(0.5)}, "a")
+    u, _ = tx.update(ONES, tx.init(PARAMS), PARAMS)
+    np.testing.assert_array_equal(u["dense"]["kernel"], -0.5)
+
+
+def test_a_tuple_of_labels_labels_a_tuple_of_params():
+    params = (jnp.ones(2), jnp.ones(3))
+    tx = gradtx.partition({"fast": gradtx.sgd(1.0), "slow": gradtx.sgd(0.1)}, ("fast", "slow"))
+    u, _ = tx.update(params, tx.init(params), params)
+    np.testing.assert_array_equal(u[0], -1.0)
+    np.testing.assert_allclose(u[1], -0.1)
+
+
+def test_optax_style_label_and_mask_functions_take_the_params_tree():
+    def labels(params):  # optax's form: params -> tree of labels
+        return jax.tree.map(lambda p: "decay" if jnp.ndim(p) == 2 else "plain", params)
+
+    tx = gradtx.partition({"decay": gradtx.sgd(1.0), "plain": gradtx.sgd(0.1)}, labels)
+    u, _ = tx.update(ONES, tx.init(PARAMS), PARAMS)
+    np.testing.assert_array_equal(u["dense"]["kernel"], -1.0)
+    np.testing.assert_allclose(u["dense"]["bias"], -0.1)
+    assert _doubled(lambda params: jax.tree.map(lambda p: jnp.ndim(p) == 2, params)) == ["dense/kernel"]
+
+
+def test_a_callable_pytree_of_bools_is_a_mask_tree_not_a_function():
+    # An equinox-style module: a pytree that is also callable. It used to be called as (path, leaf).
+    @jax.tree_util.register_pytree_node_class
+    class Flags:
+        def __init__(self, dense, norm, count):
+            self.dense, self.norm, self.count = dense, norm, count
+
+        def __call__(self, *args):
+            raise AssertionError("a mask tree must not be called")
+
+        def tree_flatten(self):
+            return (self.dense, self.norm, self.count), None
+
+        @classmethod
+        def tree_unflatten(cls, aux, children):
+            return cls(*children)
+
+    params = Flags(PARAMS["dense"], PARAMS["norm"], PARAMS["count"])
+    mask = Flags({"kernel": True, "bias": False}, {"scale": False}, False)
+    tx = gradtx.masked(DOUBLE, mask)
+    u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    np.testing.assert_array_equal(u.dense["kernel"], 2.0)
+    np.testing.assert_array_equal(u.dense["bias"], 1.0)
+
+
+def test_a_mask_pattern_that_matches_nothing_is_an_error():
+    # A typo ("kernal") used to route nothing, silently.
+    with pytest.raises(ValueError, match=r"masked: the pattern\(s\) \['\*/kernal'\] match no parameter"):
+        gradtx.masked(gradtx.l2(0.01), "*/kernal").init(PARAMS)
+    with pytest.raises(ValueError, match=r"\['norm/\*x'\] match no parameter"):
+        gradtx.masked(gradtx.l2(0.01), ["*/kernel", "norm/*x"]).init(PARAMS)

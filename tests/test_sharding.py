@@ -124,3 +124,22 @@ def test_optimizer_state_is_sharded_like_the_params_and_the_step_needs_no_collec
         """
     )
     assert "per-device bytes" in out
+
+
+def test_a_jitted_init_keeps_the_params_sharding_under_explicit_axes():
+    # jax.jit(tx.init) used to drop the params' sharding from the moments (eager init kept it).
+    run_on_8_devices(
+        """
+        import jax, jax.numpy as jnp
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+        import gradtx
+
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+        with jax.set_mesh(mesh):
+            w = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P(None, "model")))
+            for init in (gradtx.adam(1e-3).init, jax.jit(gradtx.adam(1e-3).init)):
+                adam = init({"w": w}).inner[0]
+                for moment in (adam.mu["w"], adam.nu["w"]):
+                    assert moment.sharding.spec == P(None, "model"), moment.sharding
+        """
+    )

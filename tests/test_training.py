@@ -104,8 +104,8 @@ def test_plateau_metric_feeds_reduce_on_plateau_after_each_evaluation():
     params, state = PARAMS, tx.init(PARAMS)
     for i in range(STEPS):
         grads = jax.grad(loss_fn)(params, (X[i], Y[i]))
-        extra = {"value": values[i]} if i in values else {}
-        updates, state = tx.update(grads, state, params, **extra)
+        # Every step passes a value; only those measured after an evaluation count.
+        updates, state = tx.update(grads, state, params, value=values.get(i, 0.0), measured=i in values)
         params = gradtx.apply_updates(params, updates)
         if (i + 1) % 10 == 0:
             values[i + 1] = valid(params)["valid_loss"]
@@ -205,7 +205,7 @@ def test_data_arrays_reach_the_batches_through_the_argument():
         shifted = jax.tree.map(lambda a: a + 1, arrays)
         step = jnp.int32(3)
 
-        def batch(arrays, spec=spec):
+        def batch(arrays, spec=spec, step=step):
             return spec.batch(spec.tables(jnp.int32(0), 8, key, arrays), arrays, step)[0]
 
         np.testing.assert_array_equal(batch(shifted), batch(arrays) + 1)
@@ -324,9 +324,97 @@ def test_optax_transformations_run_in_fit():
             dict(eval_fn=valid, eval_every=10, early_stopping=gradtx.EarlyStopping("valid_loss", mode="up")),
             "mode must be 'min' or 'max'",
         ),
+        (
+            dict(
+                eval_fn=valid, eval_every=10, early_stopping=gradtx.EarlyStopping("valid_loss", patience=-1)
+            ),
+            "early_stopping: patience must be >= 0, got -1",
+        ),
+        (dict(chunks=0), "fit: chunks must be >= 1, got 0"),
+        (dict(chunks=-3), "fit: chunks must be >= 1, got -3"),
+        (dict(chunks=2.0), "fit: chunks must be an int >= 1, got 2.0"),
+        (dict(steps=2.5), "fit: steps must be an int >= 1, got 2.5"),
+        (dict(eval_fn=valid, eval_every=0), "fit: eval_every must be >= 1, got 0"),
+        (dict(eval_every=10), "fit: eval_every=10 has no effect without an eval_fn"),
+        (
+            dict(eval_fn=valid, eval_every=10, plateau_metric="valid_loss"),
+            "plateau_metric='valid_loss' is given but no optimizer has a gradtx.reduce_on_plateau",
+        ),
     ],
 )
 def test_bad_input_fails_before_compiling(kwargs, message):
     args = dict(loss_fn=loss_fn, params=PARAMS, tx=gradtx.sgd(0.1), data=(X, Y), steps=STEPS) | kwargs
     with pytest.raises(ValueError, match=message):
         gradtx.fit(**args)
+
+
+def test_steps_may_be_a_jax_integer():
+    # It used to fail with "unhashable type".
+    result = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.05), (X, Y), jnp.int32(10))
+    assert result.history.loss.shape == (10,)
+
+
+def test_a_reduce_on_plateau_without_plateau_metric_fails_before_compiling():
+    tx = gradtx.chain(gradtx.sgd(0.05), gradtx.reduce_on_plateau())
+    with pytest.raises(ValueError, match="has a gradtx.reduce_on_plateau, which needs a value at every step"):
+        gradtx.fit(loss_fn, PARAMS, tx, (X, Y), 10, eval_fn=valid, eval_every=10)
+
+
+def _keras_stop_epoch(values, **settings):
+    """The 0-based epoch at which Keras's EarlyStopping callback stops on ``values``, or None."""
+    import keras
+
+    class Model:
+        stop_training = False
+
+    callback = keras.callbacks.EarlyStopping(monitor="m", **{"mode": "min", **settings})
+    callback.set_model(Model())
+    callback.on_train_begin()
+    for epoch, v in enumerate(values):
+        callback.on_epoch_end(epoch, {"m": v})
+        if callback.model.stop_training:
+            return epoch
+    return None
+
+
+def _scripted_stop(values, **settings):
+    """Steps trained by fit when its metric follows ``values``, one per evaluation of 10 steps: the
+    param ``t`` counts steps (SGD at rate 1 on the loss -t) and eval_fn looks its value up."""
+    table = jnp.asarray(values, jnp.float32)
+
+    def eval_fn(p):
+        return {"m": table[jnp.round(p["t"]).astype(jnp.int32) // 10 - 1]}
+
+    rule = gradtx.EarlyStopping("m", **settings)
+    steps = 10 * len(values)
+    result = gradtx.fit(
+        lambda p, b: -p["t"], {"t": jnp.zeros([])}, gradtx.sgd(1.0), jnp.zeros((1,)), steps,
+        eval_fn=eval_fn, eval_every=10, early_stopping=rule,
+    )  # fmt: skip
+    return int(result.history.steps_trained)
+
+
+@pytest.mark.parametrize(
+    "values, settings",
+    [
+        ([5.0, 4.0, 3.0, 2.0, 1.0, 0.5], dict(patience=0)),  # always improving: never stops
+        ([5.0, 4.0, 4.5, 3.0, 2.0, 1.0], dict(patience=0)),  # stops at the first miss
+        ([5.0, 5.0, 4.0, 4.0, 4.0, 3.0, 3.0], dict(patience=1)),
+        ([5.0, 4.0, 3.95, 3.9, 3.0, 2.0], dict(patience=1, min_delta=0.1)),
+        ([1.0, 2.0, 3.0, 3.0, 2.0, 2.5, 2.5], dict(patience=2, mode="max")),
+        ([5.0, float("nan"), 4.0, 4.0, 6.0], dict(patience=1)),  # a NaN evaluation is a miss
+    ],
+)
+def test_early_stopping_stops_where_keras_stops(values, settings):
+    # patience=0 (Keras's default) used to stop at the first evaluation, however much it improved.
+    stop = _keras_stop_epoch(values, **settings)
+    expected = 10 * len(values) if stop is None else 10 * (stop + 1)
+    assert _scripted_stop(values, **settings) == expected
+
+
+def test_a_nan_first_evaluation_does_not_become_the_best():
+    # Keras takes a NaN first value as its best, after which nothing improves on it and the run stops
+    # at the next evaluation; here a NaN is never an improvement, so training goes on.
+    values = [float("nan"), 5.0, 4.0, 3.0]
+    assert _keras_stop_epoch(values, patience=0) == 1
+    assert _scripted_stop(values, patience=0) == 40
