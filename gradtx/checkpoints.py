@@ -40,6 +40,10 @@ def digest(tree: Any) -> str:
     """A short hash of the values, shapes and dtypes of a pytree of arrays (host copies)."""
     h = hashlib.blake2b(digest_size=12)
     for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils  # every process computes the digest
+
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         a = np.asarray(leaf)
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())

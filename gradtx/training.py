@@ -451,12 +451,21 @@ def initial_runs(
     return tuple(carry)
 
 
+def host_readable(x: Any) -> Any:
+    """``x`` readable on this host: an array split over the devices of several processes (a sweep's
+    outputs under ``jax.distributed``) is replicated first, a collective every process runs."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return x
+    return jax.device_put(x, jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec()))
+
+
 def _progress_bar(total: int) -> Callable:
     try:
         from tqdm.auto import tqdm
     except ImportError:
         tqdm = None
-    bar = tqdm(total=total, unit="step") if tqdm is not None else None
+    shown_here = jax.process_index() == 0  # one bar, not one per process of a multi-host run
+    bar = tqdm(total=total, unit="step") if tqdm is not None and shown_here else None
     shown = [0]
 
     def report(done: int, seconds: float, outputs) -> None:
@@ -466,7 +475,7 @@ def _progress_bar(total: int) -> Callable:
             bar.set_postfix(loss=f"{np.mean(last):.4g}")
             if done >= total:
                 bar.close()
-        else:
+        elif shown_here:
             print(f"step {done}/{total}  loss {np.mean(last):.4g}  {seconds:.1f} s", flush=True)
         shown[0] = done
 
@@ -501,6 +510,7 @@ def run_plan(
         n = min(per_chunk, periods - done)
         first = jnp.asarray(first_step + done * p.loop.period, jnp.int32)
         carry, out = _chunk(p.loop, p.families, n, carry, configs, key, first, arrays)
+        out = jax.tree.map(host_readable, out)  # small: (periods, configurations, period) per family
         outputs.append(out)
         done += n
         if checkpoints is not None:
@@ -538,7 +548,7 @@ def histories(p: Plan, carry: tuple, outputs: list, first_step: int) -> list[His
             metrics = {k: jnp.concatenate([jnp.asarray(o[i][1][k]) for o in outputs]) for k in run.metrics}
             if family.batched:
                 metrics = {k: v.T for k, v in metrics.items()}
-        result.append(History(*per_step, metrics, eval_step, run.steps_trained))
+        result.append(History(*per_step, metrics, eval_step, host_readable(run.steps_trained)))
     return result
 
 

@@ -160,7 +160,68 @@ def padded_sweep(out: Path) -> None:
     np.save(out / "final_loss.npy", np.asarray([row["final_loss"] for row in result.rows()]))
 
 
-SCENARIOS = {"sharded_adam": sharded_adam, "padded_sweep": padded_sweep}
+UNPADDED = {"learning_rate": list(np.geomspace(0.005, 0.3, 16))}  # 16: 2 per device, no padding
+
+
+def unpadded_sweep(out: Path) -> None:
+    """16 configurations, 2 per device of either process: the params stay split between the processes;
+    the history is read on each process (rows, the arrays themselves) without gathering; progress is
+    reported between 2 chunks."""
+    import jax
+
+    result = run_sweep(UNPADDED, mesh=jax.devices(), chunks=2, progress=True)
+    shards = result.params["w"].addressable_shards
+    sizes = {s.data.shape[0] for s in shards}
+    _check(
+        len(shards) == jax.local_device_count() and sizes == {2},
+        f"each of this process's {jax.local_device_count()} devices should hold 2 of the 16 configurations' "
+        f"params, got {len(shards)} shards of {sizes}",
+    )
+    _save(out, params=result.params)
+    for name, value in [("loss", result.history.loss), ("steps_trained", result.history.steps_trained)]:
+        np.save(out / f"{name}.npy", np.asarray(value))  # no gathering: the history is on every process
+    np.save(out / "final_loss.npy", np.asarray([row["final_loss"] for row in result.rows()]))
+    np.save(out / "best.npy", np.asarray(result.best()["learning_rate"]))
+
+
+def layer_loss(p, batch):
+    x, y = batch
+    return ((x @ p["w"] + p["b"] - y) ** 2).mean()
+
+
+def fit_layer(params, data, **options):
+    """`gradtx.fit` of the layer with Adam: the workers' sharded run and the test's one-device one."""
+    import gradtx
+
+    return gradtx.fit(
+        loss_fn=layer_loss, params=params, tx=gradtx.adam(1e-2), data=data, steps=LAYER_STEPS, **options
+    )
+
+
+def sharded_fit(out: Path) -> None:
+    """`gradtx.fit` on the kernel split over data x model (jax.make_mesh: Explicit axes) with the batches
+    split over data, in 2 chunks with progress: the params and every moment keep their sharding."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh(MESH_SHAPE, ("data", "model"))
+    spec = {"w": P("data", "model"), "b": P("model")}
+    params = jax.device_put(LAYER_PARAMS, {k: NamedSharding(mesh, s) for k, s in spec.items()})
+    data = jax.device_put((LAYER_X, LAYER_Y), NamedSharding(mesh, P(None, "data")))
+    result = fit_layer(params, data, chunks=2, progress=True)
+    adam = result.opt_state.inner[0]
+    for name, x in [("params", result.params["w"]), ("mu", adam.mu["w"]), ("nu", adam.nu["w"])]:
+        _check(x.sharding.spec == spec["w"], f"{name}[w] is not sharded like w: {x.sharding}")
+    _save(out, params=result.params, mu=adam.mu, nu=adam.nu, loss=result.history.loss)
+
+
+SCENARIOS = {
+    "sharded_adam": sharded_adam,
+    "padded_sweep": padded_sweep,
+    "unpadded_sweep": unpadded_sweep,
+    "sharded_fit": sharded_fit,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -128,3 +128,28 @@ def test_a_sweep_across_2_processes_equals_the_one_device_sweep(results):
         np.testing.assert_allclose(got["params.b"], reference.params["b"], **tolerance)
         rows = [row["final_loss"] for row in reference.rows()]
         np.testing.assert_allclose(got["final_loss"], rows, **tolerance)
+
+
+def test_an_unpadded_sweep_stays_split_and_its_history_is_read_on_every_process(results):
+    reference = worker.run_sweep(worker.UNPADDED)
+    rows = reference.rows()
+    for i, got in enumerate(results("unpadded_sweep")):
+        tolerance = dict(rtol=2e-5, atol=1e-6, err_msg=f"process {i}")  # as above
+        np.testing.assert_allclose(got["loss"], reference.history.loss, **tolerance)
+        np.testing.assert_allclose(got["params.w"], reference.params["w"], **tolerance)
+        np.testing.assert_allclose(got["final_loss"], [r["final_loss"] for r in rows], **tolerance)
+        np.testing.assert_array_equal(got["steps_trained"], worker.STEPS)
+        assert got["best"] == reference.best()["learning_rate"], f"process {i}"
+
+
+def test_fit_of_a_model_sharded_over_2_processes_equals_one_device(results):
+    reference = worker.fit_layer(worker.LAYER_PARAMS, (worker.LAYER_X, worker.LAYER_Y))  # one device
+    adam = reference.opt_state.inner[0]
+    expected = {"params.w": reference.params["w"], "params.b": reference.params["b"], "mu.w": adam.mu["w"]}
+    expected.update({"nu.w": adam.nu["w"], "mu.b": adam.mu["b"], "nu.b": adam.nu["b"]})
+    expected["loss"] = reference.history.loss
+    for i, got in enumerate(results("sharded_fit")):
+        assert sorted(got) == sorted(expected), f"process {i}"
+        for name, value in expected.items():
+            atol = 1e-5 * np.abs(value).max()  # as for the hand-written steps above
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=atol, err_msg=f"process {i}: {name}")
