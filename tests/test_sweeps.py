@@ -214,6 +214,74 @@ def test_parallel_range_test_finds_the_fastest_constant_rate():
     np.testing.assert_allclose(result.losses[0], 0.5 * A * 3 * (1 - 0.01 * A) ** 18 + 1.0, rtol=1e-5)
 
 
+def _nan_after_divergence(p):
+    # sin(inf) is NaN: the metric turns NaN once the iterates overflow.
+    return {"m": quadratic(p, NO_DATA) + 0.0 * jnp.sin(p["x"].sum())}
+
+
+def test_a_diverged_run_keeps_its_best_finite_metric():
+    # rows() used to report min_m = NaN for a run that diverged after a good start.
+    rates = [0.1, 1.0]  # 1.0 > 2/a: x <- -3x, inf after ~80 steps, then the metric is NaN
+    result = gradtx.sweep(
+        quadratic, QUAD_PARAMS, gradtx.sgd, {"learning_rate": rates}, NO_DATA, 120,
+        eval_fn=_nan_after_divergence, eval_every=10,
+    )  # fmt: skip
+    row = result.rows()[1]
+    assert np.isnan(row["final_m"])
+    # Its best evaluation is the first: x = (-3)^10 after 10 steps (float64 re-derivation).
+    assert row["min_m"] == pytest.approx(0.5 * A * 3 * 3.0**20 + 1.0, rel=1e-6)
+    assert result.best("min_m")["learning_rate"] == pytest.approx(0.1)
+    assert result.best("final_m")["learning_rate"] == pytest.approx(0.1)  # a NaN is never the best
+
+
+def test_best_says_when_every_run_diverged():
+    # It used to raise numpy's "All-NaN slice encountered".
+    result = gradtx.sweep(
+        quadratic, QUAD_PARAMS, gradtx.sgd, {"learning_rate": [1.0, 1.5]}, NO_DATA, 120,
+        eval_fn=_nan_after_divergence, eval_every=60,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="every run has a non-finite final_m \\(all 2 diverged\\)"):
+        result.best("final_m")
+
+
+def test_range_tests_refuse_to_suggest_when_every_loss_is_nan():
+    # Both used to return a suggestion.
+    def broken(p, batch):
+        return quadratic(p, batch) * jnp.nan
+
+    with pytest.raises(ValueError, match="lr_range_test: the loss is not finite from the first step"):
+        gradtx.lr_range_test(broken, QUAD_PARAMS, gradtx.sgd, NO_DATA, steps=20)
+    with pytest.raises(ValueError, match="lr_range_sweep: every run diverged"):
+        gradtx.lr_range_sweep(quadratic, QUAD_PARAMS, gradtx.sgd, NO_DATA, steps=100, rates=[1.0, 2.0])
+
+
+def test_a_population_step_sees_every_configuration_between_periods():
+    # The engine's hook for search: after each evaluation, copy the best run (params, optimizer state
+    # and hyperparameters) over the worst. Reference: the same schedule of copies done by hand between
+    # separate fits, in float64-free exact arithmetic of the quadratic (plain SGD).
+    from gradtx.sweeps import _member, train_members
+
+    def exploit(runs, metrics, key, period):
+        best, worst = jnp.argmin(metrics["m"]), jnp.argmax(metrics["m"])
+        return jax.tree.map(lambda x: x.at[worst].set(x[best]), runs)
+
+    rates = [0.05, 0.2, 0.01]
+    member = _member("test", gradtx.sgd, {"learning_rate": rates}, QUAD_PARAMS)
+    (result,) = train_members(
+        "test", [member], quadratic, NO_DATA, 30, key=None, eval_fn=_nan_after_divergence, eval_every=10,
+        plateau_metric=None, early_stopping=None, chunks=1, progress=False, checkpoint_dir=None,
+        population=exploit,
+    )  # fmt: skip
+    # By hand: 10 steps each; the worst (0.01) takes the best's (0.2) params and rate; repeat.
+    runs = [(r, QUAD_PARAMS) for r in rates]
+    for _ in range(3):
+        runs = [(r, gradtx.fit(quadratic, p, gradtx.sgd(r), NO_DATA, 10).params) for r, p in runs]
+        losses = [float(_nan_after_divergence(p)["m"]) for _, p in runs]
+        runs[int(np.argmax(losses))] = runs[int(np.argmin(losses))]
+    np.testing.assert_allclose(result.params["x"], np.stack([p["x"] for _, p in runs]), rtol=1e-6)
+    np.testing.assert_allclose(gradtx.hyperparams(result.opt_state)["learning_rate"], [r for r, _ in runs])
+
+
 # --- bad input -------------------------------------------------------------------------------------------
 
 
