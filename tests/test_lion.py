@@ -4,7 +4,7 @@ Tolerance: the step is ``-lr * sign(c)``, so both libraries add the same float32
 as the sign of ``c = b1*m + (1 - b1)*g`` agrees; with float32-exact hyperparameters ``c`` is the same
 float32 expression in the same order. A flipped sign would be an error of ``2 * lr`` (0.02 here), far
 above the bound of 1e-6 of ``|theta_old| + |theta_new|`` kept for XLA's freedom to fuse. Measured
-over 40 steps: bit-identical, eagerly and under jit.
+over 40 steps: bit-identical, eagerly and jitted.
 """
 
 import jax.numpy as jnp
