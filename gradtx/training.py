@@ -459,14 +459,14 @@ def host_readable(x: Any) -> Any:
     return jax.device_put(x, jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec()))
 
 
-def _progress_bar(total: int) -> Callable:
+def _progress_bar(total: int, start: int = 0) -> Callable:
     try:
         from tqdm.auto import tqdm
     except ImportError:
         tqdm = None
     shown_here = jax.process_index() == 0  # one bar, not one per process of a multi-host run
-    bar = tqdm(total=total, unit="step") if tqdm is not None and shown_here else None
-    shown = [0]
+    bar = tqdm(total=total, initial=start, unit="step") if tqdm is not None and shown_here else None
+    shown = [start]
 
     def report(done: int, seconds: float, outputs) -> None:
         last = [float(np.mean(np.asarray(out.loss)[-1])) for out, _ in outputs]
@@ -504,7 +504,7 @@ def run_plan(
             carry, leaves, done = restored
             template = jax.tree.structure(_output_template(p, carry))
             outputs = [jax.tree.unflatten(template, leaves)]
-    bar = _progress_bar(p.steps) if progress else None
+    bar = _progress_bar(p.steps, done * p.loop.period) if progress else None
     started = time.perf_counter()
     while done < periods:
         n = min(per_chunk, periods - done)
