@@ -5,16 +5,24 @@ plateau state, the last evaluation), the history so far, the number of periods d
 of the call (steps, chunks, options, the configurations, a digest of the initial params and of the
 data). The data position needs no saving: the batch of step ``i`` is a function of the key and ``i``.
 
-Atomicity comes from orbax (`orbax-checkpoint`, the ``checkpoint`` extra): a step directory is written
-under a temporary name and renamed when complete, and the previous checkpoint is deleted only after
-the new one is committed. A process killed mid-chunk (or mid-save) therefore loses at most that chunk;
-the next call with the same arguments resumes from the last finished one and, running the same
-compiled chunks on the same inputs, gives a bit-identical result. A call whose arguments differ from
-the saved run's raises and names what differs, instead of resuming another run.
+Two formats, chosen by where the carry lives:
+
+* in one process (every array addressable here): one ``.npz`` file per checkpoint, written under a
+  temporary name, flushed to disk and renamed into place (``os.replace`` is atomic), then the previous
+  file is removed. No dependency beyond NumPy, and a save costs about the time of copying the carry;
+* across processes (``jax.distributed``): orbax (`orbax-checkpoint`, the ``checkpoint`` extra), whose
+  step directories are likewise written under a temporary name and committed by a rename, every
+  process writing its own shards.
+
+Either way a checkpoint is complete or absent: a process killed mid-chunk (or mid-save) loses at most
+that chunk, and the next call with the same arguments resumes from the last finished one and, running
+the same compiled chunks on the same inputs, gives a bit-identical result. A call whose arguments
+differ from the saved run's raises and names what differs, instead of resuming another run.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -23,17 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-_KEEP = 2  # the last committed checkpoint survives while the next one is written
-
-
-def _orbax():
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError as error:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "checkpoint_dir needs orbax-checkpoint: pip install 'gradtx[checkpoint]'"
-        ) from error
-    return ocp
+_PREFIX = "checkpoint-"  # checkpoint-00000012.npz: 12 periods done
 
 
 def digest(tree: Any) -> str:
@@ -51,62 +49,124 @@ def digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+def _local(tree: Any) -> bool:
+    return all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in jax.tree.leaves(tree))
+
+
 class Checkpoints:
     """The checkpoints of one training call in ``directory``, tagged with ``fingerprint`` (a dict of
     JSON values that identifies the call)."""
 
     def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any]):
-        ocp = _orbax()
-        self.ocp = ocp
+        self.directory = os.path.abspath(os.fspath(directory))
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.fspath(directory)),
-            options=ocp.CheckpointManagerOptions(max_to_keep=_KEEP, enable_async_checkpointing=False),
+        self._orbax = None
+
+    # --- the two formats --------------------------------------------------------------------------------
+
+    def _files(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.directory, _PREFIX + "*.npz")))
+
+    def _manager(self):
+        if self._orbax is None:
+            try:
+                import orbax.checkpoint as ocp
+            except ImportError as error:  # pragma: no cover - exercised only without the extra
+                raise ImportError(
+                    "checkpoint_dir across processes needs orbax-checkpoint: pip install 'gradtx[checkpoint]'"
+                ) from error
+            options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+            self._orbax = ocp, ocp.CheckpointManager(os.path.join(self.directory, "orbax"), options=options)
+        return self._orbax
+
+    def _check(self, saved: dict) -> None:
+        if saved == self.fingerprint:
+            return
+        keys = sorted(set(saved) | set(self.fingerprint))
+        differ = [
+            f"{k}: saved {saved.get(k)!r}, now {self.fingerprint.get(k)!r}"
+            for k in keys
+            if saved.get(k) != self.fingerprint.get(k)
+        ]
+        raise ValueError(
+            f"checkpoint_dir {self.directory} holds a run with other arguments ({'; '.join(differ)}): "
+            "give another directory, or delete it to start again"
         )
 
-    def restore(self, carry_like: Any) -> tuple[Any, list[Any], int] | None:
+    # --- reading and writing ----------------------------------------------------------------------------
+
+    def restore(self, carry_like: Any) -> tuple[Any, list[np.ndarray], int] | None:
         """``(carry, history leaves, periods done)`` of the last finished chunk, or None for a fresh
         directory. ``carry_like`` gives the structure, shapes, dtypes and shardings to restore into."""
-        step = self.manager.latest_step()
+        for stale in glob.glob(os.path.join(self.directory, ".partial-*")):
+            os.remove(stale)  # a save cut short by a kill: never committed
+        files = self._files()
+        if files:
+            with np.load(files[-1]) as saved:
+                meta = json.loads(str(saved["meta"]))
+                self._check(meta["fingerprint"])
+                leaves, treedef = jax.tree.flatten(carry_like)
+                if meta["carry_leaves"] != len(leaves):
+                    raise ValueError(
+                        f"checkpoint_dir {self.directory}: the saved state has another structure"
+                    )
+                carry = [
+                    jax.device_put(saved[f"c{i:05d}"].view(np.dtype(like.dtype)), like.sharding)
+                    for i, like in enumerate(leaves)
+                ]
+                history = [saved[f"h{i:05d}"] for i in range(meta["history_leaves"])]
+            return treedef.unflatten(carry), history, int(meta["periods_done"])
+        if not os.path.isdir(os.path.join(self.directory, "orbax")):
+            return None
+        ocp, manager = self._manager()
+        step = manager.latest_step()
         if step is None:
             return None
-        ocp = self.ocp
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        saved = meta["fingerprint"]
-        if saved != self.fingerprint:
-            keys = sorted(set(saved) | set(self.fingerprint))
-            differ = [f"{k}: saved {saved.get(k)!r}, now {self.fingerprint.get(k)!r}" for k in keys
-                      if saved.get(k) != self.fingerprint.get(k)]  # fmt: skip
-            raise ValueError(
-                f"checkpoint_dir {self.manager.directory} holds a run with other arguments ("
-                + "; ".join(differ)
-                + "): give another directory, or delete it to start again"
-            )
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        self._check(meta["fingerprint"])
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, carry_like)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                carry=ocp.args.StandardRestore(abstract), history=ocp.args.StandardRestore()
-            ),
+        args = ocp.args.Composite(
+            carry=ocp.args.StandardRestore(abstract), history=ocp.args.StandardRestore()
         )
+        restored = manager.restore(step, args=args)
         history = [np.asarray(restored.history[k]) for k in sorted(restored.history)]
         return restored.carry, history, int(meta["periods_done"])
 
     def save(self, periods_done: int, carry: Any, history_leaves: list[np.ndarray]) -> None:
-        """Writes one checkpoint and waits until it is committed."""
-        ocp = self.ocp
-        history = {f"{i:05d}": np.asarray(x) for i, x in enumerate(history_leaves)}
-        meta = {"fingerprint": self.fingerprint, "periods_done": periods_done}
-        self.manager.save(
-            periods_done,
-            args=ocp.args.Composite(
+        """Writes one checkpoint and returns once it is committed (then the previous one is removed)."""
+        meta = {
+            "fingerprint": self.fingerprint,
+            "periods_done": periods_done,
+            "carry_leaves": len(jax.tree.leaves(carry)),
+            "history_leaves": len(history_leaves),
+        }
+        if not _local(carry):
+            ocp, manager = self._manager()
+            history = {f"{i:05d}": np.asarray(x) for i, x in enumerate(history_leaves)}
+            args = ocp.args.Composite(
                 carry=ocp.args.StandardSave(carry),
                 history=ocp.args.StandardSave(history),
                 meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+            )
+            manager.save(periods_done, args=args, force=True)
+            manager.wait_until_finished()
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        arrays = {f"c{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(carry))}
+        arrays |= {f"h{i:05d}": np.asarray(x) for i, x in enumerate(history_leaves)}
+        final = os.path.join(self.directory, f"{_PREFIX}{periods_done:08d}.npz")
+        partial = os.path.join(self.directory, f".partial-{os.getpid()}-{periods_done:08d}.npz")
+        with open(partial, "wb") as f:
+            np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, final)  # atomic: the checkpoint is complete or absent
+        for old in self._files():
+            if old != final:
+                os.remove(old)
 
     def close(self) -> None:
-        self.manager.close()
+        if self._orbax is not None:
+            self._orbax[1].close()
+        for leftover in glob.glob(os.path.join(self.directory, f".partial-{os.getpid()}-*")):
+            os.remove(leftover)

@@ -489,7 +489,7 @@ def run_plan(
     key: jax.Array,
     arrays: Any,
     first_step: int,
-    progress: bool,
+    progress: bool | Callable[[int, int], None],
     checkpoints: Checkpoints | None = None,
 ) -> tuple[tuple, list]:
     """Runs the chunks, resuming from ``checkpoints`` when it holds a finished chunk. Returns the final
@@ -504,7 +504,10 @@ def run_plan(
             carry, leaves, done = restored
             template = jax.tree.structure(_output_template(p, carry))
             outputs = [jax.tree.unflatten(template, leaves)]
-    bar = _progress_bar(p.steps, done * p.loop.period) if progress else None
+    if callable(progress):  # the user's own report, (steps done, steps in all)
+        bar = lambda done, seconds, out: progress(done, p.steps)  # noqa: E731
+    else:
+        bar = _progress_bar(p.steps, done * p.loop.period) if progress else None
     started = time.perf_counter()
     while done < periods:
         n = min(per_chunk, periods - done)
@@ -598,7 +601,7 @@ def fit(
     plateau_metric: str | None = None,
     early_stopping: EarlyStopping | None = None,
     chunks: int = 1,
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
     opt_state: State | None = None,
     initial_step: int | None = None,
     checkpoint_dir: str | None = None,
@@ -612,7 +615,9 @@ def fit(
     ``eval_fn(params)`` (a scalar or a dict of scalars, e.g. the validation loss)
     runs after every ``eval_every`` steps; ``plateau_metric`` names the metric passed as ``value=`` to a
     `reduce_on_plateau` in ``tx``; ``early_stopping`` freezes the run when its metric stops improving.
-    ``chunks > 1`` (with ``progress=True``, a tqdm bar when tqdm is installed) reports between chunks.
+    ``chunks > 1`` with ``progress=True`` reports between chunks (a tqdm bar when tqdm is installed);
+    ``progress`` may also be a function ``(steps_done, steps) -> None``, called after each chunk (and
+    after its checkpoint is written).
 
     Continuing a run: ``opt_state`` (from a previous `TrainResult`) continues its moments, step count,
     schedules and plateau state instead of calling ``tx.init``; ``initial_step`` (default: the state's

@@ -42,13 +42,16 @@ def assert_identical(a, b):
 
 
 def committed(directory: Path) -> list[int]:
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    """The periods done of the committed checkpoints in ``directory``."""
+    if not directory.exists():
+        return []
+    return sorted(int(p.stem.split("-")[1]) for p in directory.glob("checkpoint-*.npz"))
 
 
 def interrupt(
     mode: str, directory: Path, sig: int, after: int = 2, timeout: float = 240
 ) -> subprocess.CompletedProcess:
-    """Starts the worker, sends ``sig`` once ``after`` checkpoints are committed, returns its outcome."""
+    """Starts the worker, sends ``sig`` once ``after`` chunks are committed, returns its outcome."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "resume_worker.py"), mode, str(directory)],
@@ -56,7 +59,8 @@ def interrupt(
     )  # fmt: skip
     start = time.monotonic()
     try:
-        while len(committed(directory)) < after and proc.poll() is None:
+        per_chunk = worker.STEPS // worker.EVERY // worker.CHUNKS
+        while max(committed(directory), default=0) < after * per_chunk and proc.poll() is None:
             if time.monotonic() - start > timeout:
                 raise TimeoutError(f"the worker committed {committed(directory)} in {timeout} s")
             time.sleep(0.02)
@@ -76,7 +80,8 @@ def test_a_run_killed_mid_chunk_resumes_bit_identical(mode, tmp_path):
     outcome = interrupt(mode, directory, signal.SIGKILL)
     assert outcome.returncode == -signal.SIGKILL and "finished" not in outcome.stdout
     saved = committed(directory)
-    assert saved and max(saved) < worker.STEPS // worker.EVERY  # killed before the end, after a chunk
+    assert len(saved) == 1 and saved[0] < worker.STEPS // worker.EVERY  # killed before the end
+    assert not list(directory.glob("*.npz.tmp"))
     resumed = worker.run(mode, str(directory))
     assert_identical(resumed, worker.run(mode, None))
 
@@ -143,3 +148,18 @@ def test_initial_step_sets_the_data_position():
     np.testing.assert_allclose(second.history.loss, straight.history.loss[10:], rtol=1e-6)
     with pytest.raises(ValueError, match="initial_step must be an int >= 0, got -1"):
         gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.05), data, 10, initial_step=-1)
+
+
+def test_an_interruption_between_chunks_resumes_and_a_save_cut_short_is_ignored(tmp_path):
+    def stop_at_40(done, total):  # a progress function may stop the run (Ctrl-C between chunks)
+        if done == 40:
+            raise KeyboardInterrupt
+
+    args = (loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS)
+    with pytest.raises(KeyboardInterrupt):
+        gradtx.fit(*args, chunks=3, checkpoint_dir=tmp_path, progress=stop_at_40)
+    assert committed(tmp_path) == [2]  # 2 periods of 20 steps: the chunk before the interruption
+    (tmp_path / ".partial-99999-00000003.npz").write_bytes(b"a save killed halfway")
+    resumed = gradtx.fit(*args, chunks=3, checkpoint_dir=tmp_path)
+    assert_identical(resumed, gradtx.fit(*args, chunks=3))
+    assert committed(tmp_path) == [3] and not list(tmp_path.glob(".partial-*"))
