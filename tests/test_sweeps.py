@@ -441,3 +441,34 @@ def test_group_size_and_mesh_do_not_combine():
             group_size=1,
             mesh=jax.devices(),
         )
+
+
+def test_one_member_of_a_partition_is_swept_by_gradtx_sweep():
+    def make(head_rate):
+        labels = {"w": "body", "b": "head"}
+        return gradtx.partition({"body": gradtx.adam(0.01), "head": gradtx.sgd(head_rate)}, labels)
+
+    rates = [0.0, 0.05, 0.2]
+    result = gradtx.sweep(loss_fn, PARAMS, make, {"head_rate": rates}, (X, Y), 20)
+    h = gradtx.hyperparams(result.opt_state)
+    np.testing.assert_allclose(h["head/learning_rate"], rates)
+    np.testing.assert_allclose(h["body/learning_rate"], [0.01] * 3)
+    np.testing.assert_array_equal(result.params["b"][0], PARAMS["b"])  # rate 0: the head never moved
+    single = gradtx.fit(loss_fn, PARAMS, make(0.05), (X, Y), 20)
+    assert_same_run(result, 1, single)
+
+
+def test_the_training_functions_share_one_argument_order():
+    # fit(loss_fn, params, tx, ...) and sweep(make_tx, configs, loss_fn, params, ...) used to differ.
+    import inspect
+
+    def first(fn, n):
+        return list(inspect.signature(fn).parameters)[:n]
+
+    assert first(gradtx.fit, 3) == ["loss_fn", "params", "tx"]
+    assert first(gradtx.sweep, 4) == ["loss_fn", "params", "make_tx", "configs"]
+    assert first(gradtx.compare, 3) == ["loss_fn", "params", "families"]
+    assert first(gradtx.lr_range_test, 3) == ["loss_fn", "params", "make_tx"]
+    assert first(gradtx.lr_range_sweep, 3) == ["loss_fn", "params", "make_tx"]
+    with pytest.raises(ValueError, match=r"the order is \(loss_fn, params, make_tx, configs, data, steps\)"):
+        gradtx.sweep(gradtx.adam, {"learning_rate": [0.1]}, loss_fn, PARAMS, (X, Y), STEPS)  # the old order
