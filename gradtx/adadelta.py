@@ -7,14 +7,18 @@ paper's form; Keras's default is 0.001) and puts epsilon inside both square root
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gradtx.base import Transformation, Updates, chain, leafwise, zeros_like_state
 from gradtx.hyper import POSITIVE, UNIT_INTERVAL, Hyper, Hyperparams, HyperSpec
+from gradtx.keras_options import KerasOptions, with_keras_options
 from gradtx.transforms import scale_by_learning_rate
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 
 class AdadeltaState(NamedTuple):
@@ -57,7 +61,13 @@ def scale_by_adadelta(rho: Hyper = 0.95, epsilon: Hyper = 1e-7) -> Transformatio
     return Transformation(init, update)
 
 
-def adadelta(learning_rate: Hyper = 0.001, rho: Hyper = 0.95, epsilon: Hyper = 1e-7) -> Transformation:
+def adadelta(
+    learning_rate: Hyper = 0.001,
+    rho: Hyper = 0.95,
+    epsilon: Hyper = 1e-7,
+    **options: Unpack[KerasOptions],
+) -> Transformation:
     """Adadelta:  ``theta <- theta - eta * sqrt(E[d^2] + eps) / sqrt(E[g^2] + eps) * grad``  (see
     `scale_by_adadelta`).  ``learning_rate=1.0`` is Zeiler's original rule.  (Keras ``Adadelta``.)"""
-    return chain(scale_by_adadelta(rho, epsilon), scale_by_learning_rate(learning_rate))
+    core = chain(scale_by_adadelta(rho, epsilon), scale_by_learning_rate(learning_rate))
+    return with_keras_options(core, owner="adadelta", **options)

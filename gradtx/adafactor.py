@@ -18,13 +18,17 @@ and ``c`` for a factored leaf, which is the memory saving Adafactor is for.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gradtx.base import Transformation, Updates, chain, is_float, leafwise, zeros_like_state
 from gradtx.hyper import NONNEGATIVE, POSITIVE, Hyper, Hyperparams, HyperSpec, Range
+from gradtx.keras_options import KerasOptions, with_keras_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 _NONPOSITIVE = Range(high=0.0)
 
@@ -223,6 +227,7 @@ def adafactor(
     epsilon_2: Hyper = 1e-3,
     clip_threshold: Hyper = 1.0,
     relative_step: bool = True,
+    **options: Unpack[KerasOptions],
 ) -> Transformation:
     """Adafactor:  ``u_hat = clip_rms(g / sqrt(v_factored), d);
     theta <- theta - min(eta, 1/sqrt(t)) * max(eps_2, RMS(theta)) * u_hat``  (see the module docstring
@@ -239,9 +244,10 @@ def adafactor(
             "caps the step at min(learning_rate, 1/sqrt(t)) whether or not relative_step is set",
             stacklevel=2,
         )
-    return chain(
+    core = chain(
         scale_by_factored_rms(beta_2_decay, epsilon_1),
         clip_by_block_rms(clip_threshold),
         scale_by_param_block_rms(epsilon_2),
         scale_by_relative_step(learning_rate),
     )
+    return with_keras_options(core, owner="adafactor", **options)

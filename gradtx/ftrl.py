@@ -12,13 +12,17 @@ exactly 0 where ``w_new`` is 0 (``w + (0 - w) = 0`` in IEEE arithmetic), so the 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gradtx.base import Transformation, Updates, chain, leafwise, zeros_like_state
 from gradtx.hyper import NONNEGATIVE, POSITIVE, Hyper, Hyperparams, HyperSpec, Range, check_value
+from gradtx.keras_options import KerasOptions, with_keras_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 _NONPOSITIVE = Range(high=0.0)
 
@@ -37,6 +41,7 @@ def ftrl(
     l2_regularization_strength: Hyper = 0.0,
     l2_shrinkage_regularization_strength: Hyper = 0.0,
     beta: Hyper = 0.0,
+    **options: Unpack[KerasOptions],
 ) -> Transformation:
     """FTRL-Proximal, with ``p = -learning_rate_power``:  ``n' = n + g^2;
     z <- z + (g + 2*l2s*w) - (n'^p - n^p) / eta * w;  n <- n';
@@ -83,4 +88,4 @@ def ftrl(
         updates, n, z, _ = leafwise("ftrl", leaf, updates, state.accumulator, state.linear, params)
         return updates, FtrlState(n, z, hp)
 
-    return chain(Transformation(init, update))
+    return with_keras_options(chain(Transformation(init, update)), owner="ftrl", **options)

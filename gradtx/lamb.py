@@ -10,14 +10,18 @@ as for every Keras optimizer; the paper adds it to the direction before the rati
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gradtx.base import EmptyState, Transformation, Updates, chain, leafwise, zeros_like_state
 from gradtx.hyper import NONNEGATIVE, UNIT_INTERVAL, Hyper, Hyperparams, HyperSpec
+from gradtx.keras_options import KerasOptions, with_keras_options
 from gradtx.transforms import scale_by_learning_rate
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 
 class CorrectedAdamState(NamedTuple):
@@ -97,12 +101,17 @@ def scale_by_trust_ratio() -> Transformation:
 
 
 def lamb(
-    learning_rate: Hyper = 0.001, beta_1: Hyper = 0.9, beta_2: Hyper = 0.999, epsilon: Hyper = 1e-7
+    learning_rate: Hyper = 0.001,
+    beta_1: Hyper = 0.9,
+    beta_2: Hyper = 0.999,
+    epsilon: Hyper = 1e-7,
+    **options: Unpack[KerasOptions],
 ) -> Transformation:
     """LAMB:  ``r = mhat / (sqrt(vhat) + eps);  theta <- theta - eta * (||theta|| / ||r||) * r``  per
     parameter tensor (ratio 1 where a norm is 0).  (Keras ``Lamb``.)"""
-    return chain(
+    core = chain(
         scale_by_corrected_adam(beta_1, beta_2, epsilon),
         scale_by_trust_ratio(),
         scale_by_learning_rate(learning_rate),
     )
+    return with_keras_options(core, owner="lamb", **options)

@@ -7,14 +7,18 @@ decoupled weight decay 3-10x larger, to keep ``lr * wd`` similar (Keras ``Lion``
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gradtx.base import Transformation, Updates, chain, leafwise, zeros_like_state
 from gradtx.hyper import CLOSED_UNIT_INTERVAL, Hyper, Hyperparams, HyperSpec, Range
+from gradtx.keras_options import KerasOptions, with_keras_options
 from gradtx.transforms import scale_by_learning_rate
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 # Keras refuses beta_1 <= 0 (the rule would be signSGD, no longer Lion) and beta_1 > 1.
 _BETA_1 = Range(0.0, 1.0, low_open=True)
@@ -52,7 +56,13 @@ def scale_by_lion(beta_1: Hyper = 0.9, beta_2: Hyper = 0.99) -> Transformation:
     return Transformation(init, update)
 
 
-def lion(learning_rate: Hyper = 0.001, beta_1: Hyper = 0.9, beta_2: Hyper = 0.99) -> Transformation:
+def lion(
+    learning_rate: Hyper = 0.001,
+    beta_1: Hyper = 0.9,
+    beta_2: Hyper = 0.99,
+    **options: Unpack[KerasOptions],
+) -> Transformation:
     """Lion:  ``theta <- theta - eta * sign(b1*m + (1 - b1)*grad);  m <- b2*m + (1 - b2)*grad``.
     (Keras ``Lion``.)"""
-    return chain(scale_by_lion(beta_1, beta_2), scale_by_learning_rate(learning_rate))
+    core = chain(scale_by_lion(beta_1, beta_2), scale_by_learning_rate(learning_rate))
+    return with_keras_options(core, owner="lion", **options)

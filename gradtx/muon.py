@@ -33,7 +33,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,11 @@ import jax.numpy as jnp
 from gradtx import transforms
 from gradtx.base import Transformation, chain, is_float, leafwise
 from gradtx.hyper import COUNT, NONNEGATIVE, Hyper, Hyperparams, HyperSpec, check_value
+from gradtx.keras_options import KerasOptionsWithoutDecay, with_keras_options
 from gradtx.routing import partition
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 MUON_A, MUON_B, MUON_C = 3.4445, -4.7750, 2.0315  # Keras's (and Jordan's) quintic coefficients
 
@@ -187,6 +191,7 @@ def muon(
     nesterov: bool = True,
     rms_rate: Hyper | None = 0.2,
     embedding_patterns: Sequence[str] = ("*embedding*",),
+    **options: Unpack[KerasOptionsWithoutDecay],
 ) -> Transformation:
     """Muon:  2-D leaves  ``m <- mu*m + g;  O = NS(g + mu*m if nesterov else m);
     theta <- theta - eta * (rms_rate * sqrt(max(n, m)) * O + weight_decay * theta)``;
@@ -225,7 +230,8 @@ def muon(
     if adam_weight_decay is not None:
         adam_branch.append(transforms.add_decayed_weights(adam_weight_decay))
     route = _router(layers, exclude_embeddings, embeddings)
-    return chain(
+    core = chain(
         partition({"muon": chain(*muon_branch), "adamw": chain(*adam_branch)}, route),
         transforms.scale_by_learning_rate(learning_rate),
     )
+    return with_keras_options(core, owner="muon", **options)

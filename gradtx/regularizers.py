@@ -199,17 +199,21 @@ class WithWeightDecayState(NamedTuple):
 def with_weight_decay(
     inner: Transformation, weight_decay: Hyper, mask: MaskSpec | None = None
 ) -> Transformation:
-    """Decoupled weight decay at the wrapped optimizer's own learning rate:
-    ``u <- inner(g) - eta_t * lambda * theta``.
+    """Decoupled weight decay at the wrapped optimizer's own learning rate, before its step:
+    ``theta' = theta - eta_t * lambda * theta;  u <- inner(g, theta') - eta_t * lambda * theta``.
 
-    ``eta_t`` is the ``learning_rate`` the inner optimizer used at this step (its constant, or its
-    schedule's value), read from its state after its update, so the state keeps one learning rate and
-    ``set_hyperparams(state, learning_rate=...)`` changes the step and the decay together. This is
-    Keras's ``weight_decay=`` option (``w <- w - w * lambda * eta`` before the optimizer's step), exact
-    for every optimizer whose step does not read the params. ``mask`` (the forms of `gradtx.masked`,
-    e.g. `weights_only`) decays some leaves only; the others pass through as ``inner`` made them.
+    This is Keras's ``weight_decay=`` option (``w <- w - w * lambda * eta``, then the optimizer's
+    step on the decayed ``w``), exact also for optimizers whose step reads the params (FTRL, LAMB's
+    trust ratio, Adafactor's parameter scale, schedule-free averaging): ``inner`` is handed ``theta'``.
+    ``eta_t`` is the ``learning_rate`` the inner optimizer uses at this step, read from its state, so
+    the state keeps one learning rate and ``set_hyperparams(state, learning_rate=...)`` changes the
+    step and the decay together. (When that rate follows a schedule, its value at this step is known
+    only by running ``inner``'s update: it is run once more for the rate alone, whose other outputs
+    are unused and removed by ``jit``.) ``mask`` (the forms of `gradtx.masked`, e.g. `weights_only`)
+    decays some leaves only; the others pass through as ``inner`` makes them.
     """
     spec = HyperSpec("with_weight_decay", weight_decay=(weight_decay, NONNEGATIVE))
+    takes_extra = accepts_extra(inner.update)
 
     def init(params):
         state = WithWeightDecayState(inner.init(params), spec.init())
@@ -220,15 +224,25 @@ def with_weight_decay(
         if params is None:
             raise ValueError("with_weight_decay needs the params: call update(updates, state, params)")
         h, hp = spec.resolve(state.hyperparams, step, **extra)
-        kwargs = (
-            ({**extra, "step": step} if step is not None else extra) if accepts_extra(inner.update) else {}
-        )
-        new, inner_state = inner.update(updates, state.inner, params, **kwargs)
-        rate = find_hyperparam("with_weight_decay", inner_state, "learning_rate") * h["weight_decay"]
+        kwargs = ({**extra, "step": step} if step is not None else extra) if takes_extra else {}
+        rate = _rate_now(state.inner, lambda: inner.update(updates, state.inner, params, **kwargs)[1])
         keep = select_leaves("with_weight_decay", params, mask)
-        return _shrink("with_weight_decay", new, params, rate, keep), WithWeightDecayState(inner_state, hp)
+        decay = rate * h["weight_decay"]
+        decayed = _shrink("with_weight_decay", params, params, decay, keep)  # in the params' dtypes
+        new, inner_state = inner.update(updates, state.inner, decayed, **kwargs)
+        return _shrink("with_weight_decay", new, params, decay, keep), WithWeightDecayState(inner_state, hp)
 
     return Transformation(init, update)
+
+
+def _rate_now(state: State, run_inner) -> jax.Array:
+    """The inner optimizer's learning rate at this step: its constant, or (a schedule) the value its
+    update computes, from ``run_inner()``'s new state."""
+    nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, Hyperparams))
+    for node in nodes:
+        if isinstance(node, Hyperparams) and "learning_rate" in node.constant:
+            return find_hyperparam("with_weight_decay", state, "learning_rate")
+    return find_hyperparam("with_weight_decay", run_inner(), "learning_rate")
 
 
 def _noise_shape(x: jax.Array, noise_shape: Sequence[int | None] | None) -> tuple[int, ...]:

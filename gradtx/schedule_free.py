@@ -16,14 +16,18 @@ weighting); ``y`` and ``x`` use the same ``beta_1``. Keras's base ``weight_decay
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gradtx.base import Params, Transformation, Updates, chain, is_float, leafwise, zeros_like_state
 from gradtx.hyper import COUNT, NONNEGATIVE, UNIT_INTERVAL, Hyper, Hyperparams, HyperSpec, Range
+from gradtx.keras_options import KerasOptions, with_keras_options
 from gradtx.transforms import scale_by_learning_rate
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 _BETA_1 = Range(0.0, 1.0, low_open=True)  # x is recovered as (y - (1 - b1) z) / b1
 
@@ -167,6 +171,7 @@ def schedule_free_adamw(
     beta_2: Hyper = 0.999,
     epsilon: Hyper = 1e-8,
     warmup_steps: Hyper = 0,
+    **options: Unpack[KerasOptions],
 ) -> Transformation:
     """Schedule-Free AdamW:  ``z <- z - eta * min(t / warmup_steps, 1) * g / (sqrt(v / (1 - b2^t)) + eps);
     x <- (1 - 1/t)*x + z/t;  y <- (1 - b1)*z + b1*x``,  the params being ``y`` (see `schedule_free`).
@@ -175,9 +180,10 @@ def schedule_free_adamw(
     (``y``). With bfloat16 params, ``y`` is rounded each step and ``x``, recovered from it, carries that
     rounding (as in Keras). (Defazio et al., 2024; Keras ``ScheduleFreeAdamW``.)
     """
-    return chain(
+    core = chain(
         scale_by_corrected_rms(beta_2, epsilon),
         scale_by_linear_warmup(warmup_steps),
         scale_by_learning_rate(learning_rate),
         schedule_free(beta_1),
     )
+    return with_keras_options(core, owner="schedule_free_adamw", **options)

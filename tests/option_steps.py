@@ -54,11 +54,12 @@ def follow_keras(
     *,
     jit: bool,
     rtol: float = RTOL,
+    atol: float = 0.0,
     on_step=None,
     moving_steps=None,
 ):
     """Applies ``grads`` with both optimizers; after every step, each leaf must satisfy
-    ``|ours - keras| <= rtol * (|theta_old| + |theta_new|)``. Returns ``(state, keras variables)``, the
+    ``|ours - keras| <= rtol * (|theta_old| + |theta_new|) + atol``. Returns ``(state, keras variables)``, the
     Keras optimizer's own variables (moments, EMA averages, loss scale) holding their final values.
 
     Keras runs its jitted ``stateless_apply`` (what ``model.fit`` runs on the JAX backend; its eager
@@ -84,7 +85,7 @@ def follow_keras(
         moved = False
         for i, (a, b, before) in enumerate(zip(ours, variables, current, strict=True)):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            bound = rtol * (np.abs(before) + np.abs(b))
+            bound = rtol * (np.abs(before) + np.abs(b)) + atol
             assert np.all(np.abs(a - b) <= bound), (
                 f"step {step}, leaf {i}: max excess {np.max(np.abs(a - b) - bound):.3g}\nours {a}\nkeras {b}"
             )
