@@ -34,6 +34,19 @@ def f32(x: float) -> float:
 ADAM = {"beta_1": f32(0.9), "beta_2": f32(0.999), "epsilon": f32(1e-7)}
 
 
+# Every option at once (one clip: Keras allows one), in Keras's order: unscale, accumulate, clip, decay,
+# update, EMA, overwrite. The gradients given with it are scaled by the loss scale factor.
+COMBINED = {
+    "loss_scale_factor": 64.0,
+    "gradient_accumulation_steps": 2,
+    "global_clipnorm": 60.0,
+    "weight_decay": 0.125,
+    "use_ema": True,
+    "ema_momentum": f32(0.875),
+    "ema_overwrite_frequency": 2,
+}
+
+
 def problem(steps: int, seed: int = 0, shapes=SHAPES, decades=(-3, 2)):
     """Params ``N(0, 1)`` and ``steps`` gradients whose entries' magnitudes are drawn log-uniformly over
     ``10**decades`` (five decades by default)."""

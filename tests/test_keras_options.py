@@ -9,7 +9,15 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
-from option_steps import ADAM, assert_sweep_equals_separate_runs, f32, follow_keras, problem, regression_task
+from option_steps import (
+    ADAM,
+    COMBINED,
+    assert_sweep_equals_separate_runs,
+    f32,
+    follow_keras,
+    problem,
+    regression_task,
+)
 
 import gradtx
 from gradtx.keras_options import DEFAULTS
@@ -33,17 +41,6 @@ FACTORIES = {
 # The two clips that COMBINED cannot hold (one clip at a time); each option alone is also compared
 # with Keras in the tests of its primitive (test_clipping.py, test_accumulation.py, test_ema.py, ...).
 SINGLE = {"clipnorm": {"clipnorm": 3.0}, "clipvalue": {"clipvalue": 0.5}}
-
-# Everything at once, in Keras's order: unscale, accumulate, clip, decay, update, EMA, overwrite.
-COMBINED = {
-    "loss_scale_factor": 64.0,
-    "gradient_accumulation_steps": 2,
-    "global_clipnorm": 60.0,
-    "weight_decay": 0.125,
-    "use_ema": True,
-    "ema_momentum": f32(0.875),
-    "ema_overwrite_frequency": 2,
-}
 
 
 def _scaled(grads, factor):

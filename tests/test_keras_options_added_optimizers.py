@@ -15,7 +15,8 @@ alone at these settings, which the EMA overwrite can place on a weight near 0.
 import keras
 import numpy as np
 import pytest
-from option_steps import f32, follow_keras, problem
+from option_steps import ADAM, COMBINED, f32, follow_keras, problem
+from test_muon import DEFAULTS as MUON_DEFAULTS  # Keras Muon's defaults, rounded to float32
 
 import gradtx
 from gradtx.adadelta import adadelta
@@ -27,7 +28,6 @@ from gradtx.muon import muon
 from gradtx.schedule_free import schedule_free_adamw
 
 K = keras.optimizers
-ADAM = {"beta_1": f32(0.9), "beta_2": f32(0.999), "epsilon": f32(1e-7)}
 
 # name -> (Keras class, gradtx factory, float32-exact arguments, learning rate, absolute tolerance)
 CASES = {
@@ -53,24 +53,7 @@ CASES = {
     ),
     "lion": (K.Lion, lion, {"beta_1": f32(0.9), "beta_2": f32(0.99)}, 0.001, 0.0),
     "lamb": (K.Lamb, lamb, ADAM, 0.01, 0.0),
-    "muon": (
-        K.Muon,
-        muon,
-        {
-            "adam_beta_1": f32(0.9),
-            "adam_beta_2": f32(0.999),
-            "epsilon": f32(1e-7),
-            "weight_decay": f32(0.004),
-            "adam_weight_decay": f32(0.004),
-            "momentum": f32(0.95),
-            "muon_a": f32(3.4445),
-            "muon_b": f32(-4.7750),
-            "muon_c": f32(2.0315),
-            "rms_rate": f32(0.2),
-        },
-        0.01,
-        0.0,
-    ),
+    "muon": (K.Muon, muon, MUON_DEFAULTS, 0.01, 0.0),
     "schedule_free_adamw": (
         K.ScheduleFreeAdamW,
         schedule_free_adamw,
@@ -78,16 +61,6 @@ CASES = {
         0.01,
         0.0,
     ),
-}
-
-COMBINED = {
-    "loss_scale_factor": 64.0,
-    "gradient_accumulation_steps": 2,
-    "global_clipnorm": 60.0,
-    "weight_decay": 0.125,
-    "use_ema": True,
-    "ema_momentum": f32(0.875),
-    "ema_overwrite_frequency": 2,
 }
 
 
