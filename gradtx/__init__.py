@@ -17,6 +17,7 @@ from gradtx.base import (
 )
 from gradtx.constraints import max_norm, min_max_norm, non_neg, unit_norm
 from gradtx.data import ShuffledBatches, shuffled_batches
+from gradtx.engine import EarlyStopping, History, StepOutputs, TrainResult
 from gradtx.grouping import GroupedState, grouped
 from gradtx.hyper import Hyperparams, Range, hyperparam_ranges, hyperparams, set_hyperparams
 from gradtx.lion import LionState, lion, scale_by_lion
@@ -57,7 +58,7 @@ from gradtx.schedules import (
     power_schedule,
 )
 from gradtx.sweeps import SweepResult, compare, grid, sweep
-from gradtx.training import EarlyStopping, History, StepOutputs, TrainResult, fit
+from gradtx.training import fit
 from gradtx.transforms import (
     add_decayed_weights,
     momentum,

@@ -11,9 +11,10 @@ import numpy as np
 
 from gradtx.base import Params, Transformation
 from gradtx.data import Data
+from gradtx.engine import LossFn
 from gradtx.schedules import exponential_schedule
 from gradtx.sweeps import sweep
-from gradtx.training import LossFn, fit
+from gradtx.training import fit
 
 
 class _Rate(NamedTuple):

@@ -27,20 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gradtx.base import Params, State, Transformation
 from gradtx.checkpoints import Checkpoints
 from gradtx.data import Data
-from gradtx.training import (
-    EarlyStopping,
-    EvalFn,
-    Family,
-    History,
-    LossFn,
-    PopulationStep,
-    TrainResult,
-    fingerprint,
-    histories,
-    initial_runs,
-    plan,
-    run_plan,
-)
+from gradtx.engine import EarlyStopping, EvalFn, Family, History, LossFn, PopulationStep, TrainResult
+from gradtx.training import fingerprint, histories, initial_runs, plan, run_plan
 
 Configs = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
 ParamsOrInit = Params | Callable[[jax.Array], Params]

@@ -47,6 +47,7 @@ MODULE_ORDER = (
     "gradtx.ema",
     "gradtx.loss_scaling",
     "gradtx.grouping",
+    "gradtx.engine",
     "gradtx.training",
     "gradtx.data",
     "gradtx.checkpoints",
