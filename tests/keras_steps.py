@@ -195,8 +195,10 @@ def keras_own_arguments(keras_class, own: set = frozenset()) -> dict:
 
 
 def assert_same_arguments(factory, keras_class, own: set = frozenset(), extra: set = frozenset()):
-    """``factory`` has Keras's own arguments, in Keras's order, with Keras's defaults (and ``extra``)."""
-    ours = {n: p.default for n, p in inspect.signature(factory).parameters.items() if n not in extra}
+    """``factory`` has Keras's own arguments, in Keras's order, with Keras's defaults (and ``extra``).
+    Its ``**options`` (Keras's base-optimizer options) are checked in test_keras_options.py."""
+    parameters = inspect.signature(factory).parameters.values()
+    ours = {p.name: p.default for p in parameters if p.name not in extra and p.kind is not p.VAR_KEYWORD}
     keras_args = keras_own_arguments(keras_class, own)
     assert list(ours) == list(keras_args), (list(ours), list(keras_args))
     assert ours == keras_args
@@ -204,12 +206,25 @@ def assert_same_arguments(factory, keras_class, own: set = frozenset(), extra: s
 
 def assert_vmap_matches_separate_runs(make, rates, shapes, steps=10, rtol=1e-6, atol=1e-7):
     """The lanes of a run vmapped over the learning rate equal separate runs with each rate. Not bit
-    for bit: a vmapped reduction (a norm, a mean, a matmul) may sum in another order."""
+    for bit: a vmapped reduction (a norm, a mean, a matmul) may sum in another order.
+
+    The separate runs share one compiled update (of ``make(rates[0])``), each with the state of
+    ``make(lr).init``: the update reads the learning rate from the state, so that is each rate's run."""
     params, grads = problem(shapes, steps, seed=3)
     lanes, states = vmapped_run(make, rates, params, grads)
     np.testing.assert_array_equal(gradtx.hyperparams(states)["learning_rate"], np.float32(rates))
+    tx = make(float(rates[0]))
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return gradtx.apply_updates(p, u), s
+
     for i, lr in enumerate(rates):
-        alone, _ = run(make(lr), params, grads)
+        alone = {p: jnp.asarray(x) for p, x in params.items()}
+        state = make(lr).init(alone)
+        for g in grads:
+            alone, state = step(alone, state, {p: jnp.asarray(x) for p, x in g.items()})
         for path in params:
             np.testing.assert_allclose(lanes[path][i], alone[path], rtol=rtol, atol=atol, err_msg=path)
 

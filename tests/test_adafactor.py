@@ -4,8 +4,8 @@ of rank 0 to 4 (factored from rank 2 on).
 Tolerance: with float32-exact hyperparameters the expressions are Keras's, except that gradtx
 multiplies ``-rho * (scale * u)`` where Keras multiplies ``(scale * rho) * u``; the three RMS values and
 the row/column means are float32 reductions. A step may differ by a few ulp; the bound is 1e-6 of
-``|theta_old| + |theta_new|``. Measured over 40 steps (each side eager, or each side jitted): at most
-1.7e-7 of it.
+``|theta_old| + |theta_new|``. Measured over 40 steps (30 eagerly; each side eager, or each side
+jitted): at most 1.7e-7 of it.
 """
 
 import warnings
@@ -35,6 +35,8 @@ SHAPES = {
     "scale": (),
 }
 STEPS = 40
+# Eagerly every operation is compiled for every shape it meets: fewer steps and leaves keep it fast.
+EAGER_STEPS, EAGER_SHAPES = 30, {p: SHAPES[p] for p in ("dense/kernel", "dense/bias", "attention/kernel")}
 KERAS_DEFAULTS = {
     "beta_2_decay": -0.8,
     "epsilon_1": f32(1e-30),
@@ -46,7 +48,7 @@ KERAS_DEFAULTS = {
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_matches_keras_step_by_step(jit):
     """``learning_rate`` 0.3: the cap ``1/sqrt(t)`` takes over from step 12 on."""
-    params, grads = problem(SHAPES, STEPS)
+    params, grads = problem(SHAPES, STEPS) if jit else problem(EAGER_SHAPES, EAGER_STEPS)
     kwargs = {"learning_rate": f32(0.3), **KERAS_DEFAULTS}
     run_step_by_step(
         keras.optimizers.Adafactor(**kwargs), adafactor(**kwargs), params, grads, jit=jit, rtol=1e-6
