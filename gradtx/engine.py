@@ -86,6 +86,7 @@ History = NamedTuple(
         ("metrics", dict),  # name -> (evaluations,): eval_fn after every eval_every steps
         ("eval_step", jax.Array),  # (evaluations,): steps done at each evaluation
         ("steps_trained", jax.Array),  # int32: updates applied (fewer than steps if stopped early)
+        ("records", dict),  # name -> (evaluations, ...): what a population step recorded, or {}
     ],
 )
 History.__doc__ = (
@@ -122,8 +123,9 @@ class Run(NamedTuple):
 
 
 # A population step: (runs of one family with the configuration axis first, that period's metrics
-# (name -> (k,)), a key, the period's index) -> runs of the same shapes and dtypes.
-PopulationStep = Callable[[Run, dict[str, jax.Array], jax.Array, jax.Array], Run]
+# (name -> (k,)), a key, the period's index) -> (runs of the same shapes and dtypes, a record: a dict of
+# arrays kept in the History's ``records``, one entry per period, e.g. who copied whom).
+PopulationStep = Callable[[Run, dict[str, jax.Array], jax.Array, jax.Array], tuple[Run, dict]]
 
 
 class Loop(NamedTuple):
@@ -310,11 +312,12 @@ def run_chunk(loop: Loop, families: tuple, num_periods: int, carry, configs, key
             # A per-seed shuffle has a table per configuration: (orders, first_epoch).
             table_axes = (0, None) if _seeds(loop, family, config) is not None else None
             run, (out, metrics) = across(family, period_of_one, (0, 0, table_axes))(config, run, table)
+            record = {}
             if loop.population is not None and family.batched:
                 period_key = jax.random.fold_in(jax.random.fold_in(key, 1), start // loop.period)
-                run = loop.population(run, metrics, period_key, start // loop.period)
+                run, record = loop.population(run, metrics, period_key, start // loop.period)
             new_carry.append(run)
-            outputs.append((out, metrics))
+            outputs.append((out, metrics, record))
         return tuple(new_carry), tuple(outputs)
 
     return jax.lax.scan(one_period, tuple(carry), jnp.arange(num_periods))

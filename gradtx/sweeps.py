@@ -27,7 +27,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gradtx.base import Params, State, Transformation
 from gradtx.checkpoints import Checkpoints
 from gradtx.data import Data
-from gradtx.engine import EarlyStopping, EvalFn, Family, History, LossFn, PopulationStep, TrainResult
+from gradtx.engine import (
+    EarlyStopping,
+    EvalFn,
+    Family,
+    History,
+    LossFn,
+    PopulationStep,
+    StepOutputs,
+    TrainResult,
+)
 from gradtx.training import fingerprint, histories, initial_runs, plan, run_plan
 
 Configs = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
@@ -281,11 +290,10 @@ def _sweep_result(member: _Member, params: Params, opt_state: State, history: Hi
     """A family's result without its padding configurations."""
     k = len(next(iter(member.table.values())))
     cut = lambda x: x[:k]  # noqa: E731
-    history = History(
-        *[cut(x) for x in history[:-3]],
-        {name: cut(v) for name, v in history.metrics.items()},
-        history.eval_step,
-        cut(history.steps_trained),
+    history = history._replace(
+        **{name: cut(getattr(history, name)) for name in StepOutputs._fields},
+        metrics={name: cut(v) for name, v in history.metrics.items()},
+        steps_trained=cut(history.steps_trained),
     )
     return SweepResult(member.table, *jax.tree.map(cut, (params, opt_state)), history)
 

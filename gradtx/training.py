@@ -211,13 +211,11 @@ def run_plan(
     periods = p.steps // p.loop.period
     per_chunk = -(-periods // min(p.chunks, periods))
     done, outputs = 0, []
-    template = None
     if checkpoints is not None:
         restored = checkpoints.restore(carry)
         if restored is not None:
             carry, leaves, done = restored
-            template = jax.tree.structure(_output_template(p, carry))
-            outputs = [jax.tree.unflatten(template, leaves)]
+            outputs = [jax.tree.unflatten(_output_structure(p, carry, configs, key, arrays), leaves)]
     if callable(progress):  # the user's own report, (steps done, steps in all)
         bar = lambda done, seconds, out: progress(done, p.steps)  # noqa: E731
     else:
@@ -240,10 +238,15 @@ def run_plan(
     return carry, outputs
 
 
-def _output_template(p: Plan, carry: tuple) -> tuple:
-    """The structure of a chunk's outputs (the leaves are placeholders)."""
-    fields = StepOutputs(*[0] * len(StepOutputs._fields))
-    return tuple((fields, dict.fromkeys(run.metrics, 0) if p.loop.eval_fn else {}) for run in carry)
+def _output_structure(p: Plan, carry: tuple, configs: tuple, key, arrays) -> Any:
+    """The tree structure of a chunk's outputs, traced (not compiled), to rebuild a saved history."""
+    shapes = jax.eval_shape(
+        lambda c, k, a: run_chunk(p.loop, p.families, 1, c, configs, k, jnp.int32(0), a)[1],
+        carry,
+        key,
+        arrays,
+    )
+    return jax.tree.structure(shapes)
 
 
 def histories(p: Plan, carry: tuple, outputs: list, first_step: int) -> list[History]:
@@ -265,7 +268,11 @@ def histories(p: Plan, carry: tuple, outputs: list, first_step: int) -> list[His
             metrics = {k: jnp.concatenate([jnp.asarray(o[i][1][k]) for o in outputs]) for k in run.metrics}
             if family.batched:
                 metrics = {k: v.T for k, v in metrics.items()}
-        result.append(History(*per_step, metrics, eval_step, host_readable(run.steps_trained)))
+        records = jax.tree.map(
+            lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *[o[i][2] for o in outputs]
+        )
+        history = History(*per_step, metrics, eval_step, host_readable(run.steps_trained), records)
+        result.append(history)
     return result
 
 

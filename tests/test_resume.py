@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import resume_worker as worker
@@ -163,3 +164,36 @@ def test_an_interruption_between_chunks_resumes_and_a_save_cut_short_is_ignored(
     resumed = gradtx.fit(*args, chunks=3, checkpoint_dir=tmp_path)
     assert_identical(resumed, gradtx.fit(*args, chunks=3))
     assert committed(tmp_path) == [3] and not list(tmp_path.glob(".partial-*"))
+
+
+def test_a_search_with_a_population_step_resumes_with_its_records(tmp_path):
+    from gradtx.sweeps import _member, train_members
+
+    def exploit(runs, metrics, key, period):
+        best, worst = jnp.argmin(metrics["valid_loss"]), jnp.argmax(metrics["valid_loss"])
+        copied = jax.tree.map(lambda x: x.at[worst].set(x[best]), runs)
+        return copied, {"parent": jnp.arange(3).at[worst].set(best)}
+
+    def search(**kwargs):
+        member = _member("test", gradtx.sgd, {"learning_rate": [0.001, 0.05, 0.2]}, PARAMS)
+        (result,) = train_members(
+            "test", [member], loss_fn, (X, Y), STEPS, key=None, eval_fn=valid, eval_every=10,
+            plateau_metric=None, early_stopping=None, chunks=3, population=exploit, **kwargs,
+        )  # fmt: skip
+        return result
+
+    def stop_at_20(done, total):
+        if done == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search(checkpoint_dir=tmp_path, progress=stop_at_20)
+    resumed, straight = (
+        search(checkpoint_dir=tmp_path, progress=False),
+        search(checkpoint_dir=None, progress=False),
+    )
+    assert resumed.history.records["parent"].shape == (6, 3)
+    assert_identical(
+        (resumed.params, resumed.opt_state, resumed.history),
+        (straight.params, straight.opt_state, straight.history),
+    )

@@ -263,7 +263,7 @@ def test_a_population_step_sees_every_configuration_between_periods():
 
     def exploit(runs, metrics, key, period):
         best, worst = jnp.argmin(metrics["m"]), jnp.argmax(metrics["m"])
-        return jax.tree.map(lambda x: x.at[worst].set(x[best]), runs)
+        return jax.tree.map(lambda x: x.at[worst].set(x[best]), runs), {"copied": jnp.stack([best, worst])}
 
     rates = [0.05, 0.2, 0.01]
     member = _member("test", gradtx.sgd, {"learning_rate": rates}, QUAD_PARAMS)
@@ -273,11 +273,13 @@ def test_a_population_step_sees_every_configuration_between_periods():
         population=exploit,
     )  # fmt: skip
     # By hand: 10 steps each; the worst (0.01) takes the best's (0.2) params and rate; repeat.
-    runs = [(r, QUAD_PARAMS) for r in rates]
+    runs, copies = [(r, QUAD_PARAMS) for r in rates], []
     for _ in range(3):
         runs = [(r, gradtx.fit(quadratic, p, gradtx.sgd(r), NO_DATA, 10).params) for r, p in runs]
         losses = [float(_nan_after_divergence(p)["m"]) for _, p in runs]
+        copies.append([int(np.argmin(losses)), int(np.argmax(losses))])
         runs[int(np.argmax(losses))] = runs[int(np.argmin(losses))]
+    np.testing.assert_array_equal(result.history.records["copied"], copies)  # one record per period
     np.testing.assert_allclose(result.params["x"], np.stack([p["x"] for _, p in runs]), rtol=1e-6)
     np.testing.assert_allclose(gradtx.hyperparams(result.opt_state)["learning_rate"], [r for r, _ in runs])
 
