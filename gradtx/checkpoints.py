@@ -95,8 +95,8 @@ class Checkpoints:
 
     # --- reading and writing ----------------------------------------------------------------------------
 
-    def restore(self, carry_like: Any) -> tuple[Any, list[np.ndarray], int] | None:
-        """``(carry, history leaves, periods done)`` of the last finished chunk, or None for a fresh
+    def restore(self, carry_like: Any) -> tuple[Any, dict[str, np.ndarray], int] | None:
+        """``(carry, history by name, periods done)`` of the last finished chunk, or None for a fresh
         directory. ``carry_like`` gives the structure, shapes, dtypes and shardings to restore into."""
         for stale in glob.glob(os.path.join(self.directory, ".partial-*")):
             os.remove(stale)  # a save cut short by a kill: never committed
@@ -114,7 +114,7 @@ class Checkpoints:
                     jax.device_put(saved[f"c{i:05d}"].view(np.dtype(like.dtype)), like.sharding)
                     for i, like in enumerate(leaves)
                 ]
-                history = [saved[f"h{i:05d}"] for i in range(meta["history_leaves"])]
+                history = {name: saved[f"h{i:05d}"] for i, name in enumerate(meta["history"])}
             return treedef.unflatten(carry), history, int(meta["periods_done"])
         if not os.path.isdir(os.path.join(self.directory, "orbax")):
             return None
@@ -129,23 +129,23 @@ class Checkpoints:
             carry=ocp.args.StandardRestore(abstract), history=ocp.args.StandardRestore()
         )
         restored = manager.restore(step, args=args)
-        history = [np.asarray(restored.history[k]) for k in sorted(restored.history)]
+        history = {name: np.asarray(restored.history[f"{i:05d}"]) for i, name in enumerate(meta["history"])}
         return restored.carry, history, int(meta["periods_done"])
 
-    def save(self, periods_done: int, carry: Any, history_leaves: list[np.ndarray]) -> None:
+    def save(self, periods_done: int, carry: Any, history: dict[str, np.ndarray]) -> None:
         """Writes one checkpoint and returns once it is committed (then the previous one is removed)."""
         meta = {
             "fingerprint": self.fingerprint,
             "periods_done": periods_done,
             "carry_leaves": len(jax.tree.leaves(carry)),
-            "history_leaves": len(history_leaves),
+            "history": list(history),
         }
         if not _local(carry):
             ocp, manager = self._manager()
-            history = {f"{i:05d}": np.asarray(x) for i, x in enumerate(history_leaves)}
+            by_index = {f"{i:05d}": np.asarray(x) for i, x in enumerate(history.values())}
             args = ocp.args.Composite(
                 carry=ocp.args.StandardSave(carry),
-                history=ocp.args.StandardSave(history),
+                history=ocp.args.StandardSave(by_index),
                 meta=ocp.args.JsonSave(meta),
             )
             manager.save(periods_done, args=args, force=True)
@@ -153,7 +153,7 @@ class Checkpoints:
             return
         os.makedirs(self.directory, exist_ok=True)
         arrays = {f"c{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(carry))}
-        arrays |= {f"h{i:05d}": np.asarray(x) for i, x in enumerate(history_leaves)}
+        arrays |= {f"h{i:05d}": np.asarray(x) for i, x in enumerate(history.values())}
         final = os.path.join(self.directory, f"{_PREFIX}{periods_done:08d}.npz")
         partial = os.path.join(self.directory, f".partial-{os.getpid()}-{periods_done:08d}.npz")
         with open(partial, "wb") as f:

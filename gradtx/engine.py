@@ -316,6 +316,8 @@ def run_chunk(loop: Loop, families: tuple, num_periods: int, carry, configs, key
             if loop.population is not None and family.batched:
                 period_key = jax.random.fold_in(jax.random.fold_in(key, 1), start // loop.period)
                 run, record = loop.population(run, metrics, period_key, start // loop.period)
+                if not isinstance(record, dict) or not all(hasattr(v, "shape") for v in record.values()):
+                    raise ValueError(f"a population step must return (runs, dict of arrays), got {record!r}")
             new_carry.append(run)
             outputs.append((out, metrics, record))
         return tuple(new_carry), tuple(outputs)

@@ -214,8 +214,8 @@ def run_plan(
     if checkpoints is not None:
         restored = checkpoints.restore(carry)
         if restored is not None:
-            carry, leaves, done = restored
-            outputs = [jax.tree.unflatten(_output_structure(p, carry, configs, key, arrays), leaves)]
+            carry, flat, done = restored
+            outputs = [_nested(len(p.families), flat)]
     if callable(progress):  # the user's own report, (steps done, steps in all)
         bar = lambda done, seconds, out: progress(done, p.steps)  # noqa: E731
     else:
@@ -231,22 +231,29 @@ def run_plan(
         if checkpoints is not None:
             history = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outputs)
             outputs = [history]
-            checkpoints.save(done, carry, jax.tree.leaves(history))
+            checkpoints.save(done, carry, _flat(history))
         if bar is not None:
             jax.block_until_ready(carry)
             bar(done * p.loop.period, time.perf_counter() - started, out)
     return carry, outputs
 
 
-def _output_structure(p: Plan, carry: tuple, configs: tuple, key, arrays) -> Any:
-    """The tree structure of a chunk's outputs, traced (not compiled), to rebuild a saved history."""
-    shapes = jax.eval_shape(
-        lambda c, k, a: run_chunk(p.loop, p.families, 1, c, configs, k, jnp.int32(0), a)[1],
-        carry,
-        key,
-        arrays,
-    )
-    return jax.tree.structure(shapes)
+def _flat(outputs: tuple) -> dict[str, np.ndarray]:
+    """The history of each family as ``{"<family>/<steps|metrics|records>/<name>": array}``."""
+    flat = {}
+    for i, (steps, metrics, records) in enumerate(outputs):
+        parts = {"steps": steps._asdict(), "metrics": metrics, "records": records}
+        flat |= {f"{i}/{part}/{name}": v for part, values in parts.items() for name, v in values.items()}
+    return flat
+
+
+def _nested(families: int, flat: dict[str, np.ndarray]) -> tuple:
+    """The inverse of `_flat`."""
+    parts = [{"steps": {}, "metrics": {}, "records": {}} for _ in range(families)]
+    for path, value in flat.items():
+        i, part, name = path.split("/", 2)
+        parts[int(i)][part][name] = value
+    return tuple((StepOutputs(**d["steps"]), d["metrics"], d["records"]) for d in parts)
 
 
 def histories(p: Plan, carry: tuple, outputs: list, first_step: int) -> list[History]:
