@@ -28,10 +28,12 @@ def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
     """Gradient accumulation (Keras ``gradient_accumulation_steps``, optax ``MultiSteps``):
 
     ``a <- a + g`` on the micro-steps ``n`` with ``(n + 1) % steps != 0`` (updates are zero); on the
-    others ``u <- inner((a + g) / steps);  a <- 0``.
+    others ``u <- inner((a + g) * (1 / steps));  a <- 0``.
 
     The micro-steps that do not update do not run ``inner`` at all (a ``lax.cond``): they cost one pass
-    over the gradients. Clipping placed inside (``accumulate_gradients(chain(clip_by_global_norm(1.0),
+    over the gradients and the running sum (and the zero updates). The mean is a product with
+    ``1/steps``, which fuses into the optimizer's passes (Keras divides: the same number when ``steps``
+    is a power of two, within one rounding otherwise). Clipping placed inside (``accumulate_gradients(chain(clip_by_global_norm(1.0),
     adam(lr)), 4)``) clips the mean gradient, as Keras does.
 
     Clocks, as in Keras: ``inner`` counts its real updates (its bias corrections see ``t = 1, 2, ...``),
@@ -64,21 +66,27 @@ def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
 
         def apply(_):
             def mean(g, a):
-                return (((g.astype(a.dtype) + a) / steps).astype(g.dtype), a)
+                return (((g.astype(a.dtype) + a) * (1.0 / steps)).astype(g.dtype), a)
 
             mean_grads, _ = leafwise("accumulate_gradients", mean, grads, accumulated)
-            new, s = run_inner(micro, mean_grads, inner_state, params, extra)
-            return new, jax.tree.map(jnp.zeros_like, accumulated), s
+            return (*run_inner(micro, mean_grads, inner_state, params, extra), jnp.bool_(True))
 
         def keep(_):
             shapes = jax.eval_shape(apply, None)[0]
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-            _, summed = leafwise(
-                "accumulate_gradients", lambda g, a: (g, g.astype(a.dtype) + a), grads, accumulated
-            )
-            return zeros, summed, inner_state
+            return zeros, inner_state, jnp.bool_(False)
 
-        return lax.cond((micro + 1) % steps == 0, apply, keep, None)
+        new, inner_state, applied = lax.cond((micro + 1) % steps == 0, apply, keep, None)
+        # Outside the cond, one fused pass that writes the running sum in place. It reads the cond's
+        # flag (not ``is_update``), so that XLA orders it after the cond, which reads the old sum;
+        # otherwise XLA copies the sum into a new buffer first, which costs more than the micro-step.
+        _, accumulated = leafwise(
+            "accumulate_gradients",
+            lambda g, a: (g, jnp.where(applied, jnp.zeros_like(a), g.astype(a.dtype) + a)),
+            grads,
+            accumulated,
+        )
+        return new, accumulated, inner_state
 
     # jit: called eagerly, the lax.cond compiles once per transformation, not at every call.
     shared = jax.jit(_shared_clock(micro_step))

@@ -30,8 +30,11 @@ from gradtx.hyper import POSITIVE, Hyper, Hyperparams, HyperSpec, Range, check_v
 WHOLE_POSITIVE = Range(1.0, whole=True)
 
 
-def _unscaled(g: jax.Array, scale: jax.Array) -> jax.Array:
-    return g.astype(jnp.promote_types(g.dtype, jnp.float32)) / scale
+def _unscaled(g: jax.Array, inverse: jax.Array) -> jax.Array:
+    # A product with 1/S, not a quotient: XLA fuses it into each pass of the optimizer that reads the
+    # gradient, where a division (not duplicated into several consumers) would be one more pass over
+    # the gradients. Equal to g / S when S is a power of two (loss scales are), else within a rounding.
+    return g.astype(jnp.promote_types(g.dtype, jnp.float32)) * inverse
 
 
 def all_finite(updates: Updates) -> jax.Array:
@@ -56,7 +59,8 @@ class UnscaleState(NamedTuple):
 
 
 def unscale_gradients(loss_scale_factor: Hyper) -> Transformation:
-    """Undoes a fixed loss scale:  ``u <- g / loss_scale_factor``  (in at least float32).
+    """Undoes a fixed loss scale:  ``u <- g * (1 / loss_scale_factor)``  (in at least float32; Keras
+    divides, which is the same number for a power of two and within one rounding otherwise).
 
     Multiply the loss by the same factor (`current_loss_scale` reads it from the state). Place it first
     in the chain. (Keras ``loss_scale_factor=``.)
@@ -68,8 +72,8 @@ def unscale_gradients(loss_scale_factor: Hyper) -> Transformation:
 
     def update(updates, state, params=None, *, step=None, **extra):
         h, hp = spec.resolve(state.hyperparams, step, **extra)
-        s = h["loss_scale_factor"]
-        (updates,) = leafwise("unscale_gradients", lambda g: (_unscaled(g, s),), updates)
+        inverse = 1.0 / h["loss_scale_factor"]
+        (updates,) = leafwise("unscale_gradients", lambda g: (_unscaled(g, inverse),), updates)
         return updates, UnscaleState(hp)
 
     return Transformation(init, update)
@@ -110,7 +114,8 @@ def loss_scale_optimizer(
         kwargs = _without_step(extra) if takes_extra else {}
 
         def finite(_):
-            (unscaled,) = leafwise("loss_scale_optimizer", lambda g: (_unscaled(g, scale),), updates)
+            inverse = 1.0 / scale
+            (unscaled,) = leafwise("loss_scale_optimizer", lambda g: (_unscaled(g, inverse),), updates)
             return inner.update(unscaled, state.inner, params, **kwargs)
 
         def skip(_):
