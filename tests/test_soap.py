@@ -376,13 +376,15 @@ def test_sweeps_of_soap_and_shampoo_do_not_hang():
     script = textwrap.dedent(
         """
         import jax.numpy as jnp, numpy as np, gradtx
+        from gradtx.shampoo import shampoo
+        from gradtx.soap import soap
         x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 6)), jnp.float32)
         loss = lambda p, b: jnp.mean((jnp.tanh(b @ p["w1"]) @ p["w2"]) ** 2)
         params = {"w1": jnp.full((6, 5), 0.1), "w2": jnp.full((5, 3), 0.1)}
         rates = {"learning_rate": [1e-3, 1e-2, 1e-1]}
         families = {
-            "soap": (lambda learning_rate: gradtx.soap(learning_rate, precondition_frequency=2), rates),
-            "shampoo": (lambda learning_rate: gradtx.shampoo(learning_rate, precondition_frequency=2), rates),
+            "soap": (lambda learning_rate: soap(learning_rate, precondition_frequency=2), rates),
+            "shampoo": (lambda learning_rate: shampoo(learning_rate, precondition_frequency=2), rates),
         }
         for _ in range(3):
             out = gradtx.compare(loss, params, families, x, 16)
