@@ -8,7 +8,7 @@ four to the optimizer and returns its update.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,12 @@ class AccumulationState(NamedTuple):
     inner: State  # the wrapped optimizer's state, advanced only on update micro-steps
 
 
+def zeros_of(fn) -> Updates:
+    """Zeros shaped like the first output of ``fn(None)`` (traced for its shapes only)."""
+    shapes = jax.eval_shape(fn, None)[0]
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+
 def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
     """Gradient accumulation (Keras ``gradient_accumulation_steps``, optax ``MultiSteps``):
 
@@ -32,22 +38,28 @@ def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
 
     The micro-steps that do not update do not run ``inner`` at all (a ``lax.cond``): they cost one pass
     over the gradients and the running sum (and the zero updates). The mean is a product with
-    ``1/steps``, which fuses into the optimizer's passes (Keras divides: the same number when ``steps``
-    is a power of two, within one rounding otherwise). Clipping placed inside (``accumulate_gradients(chain(clip_by_global_norm(1.0),
-    adam(lr)), 4)``) clips the mean gradient, as Keras does.
+    ``1/steps``, which fuses into the optimizer's passes (Keras divides: the same number when
+    ``steps`` is a power of two, within one rounding otherwise). Clipping placed inside
+    (``accumulate_gradients(chain(clip_by_global_norm(1.0), adam(lr)), 4)``) clips the mean gradient,
+    as Keras does.
 
     Clocks, as in Keras: ``inner`` counts its real updates (its bias corrections see ``t = 1, 2, ...``),
     while its schedules follow the micro-steps (they are given ``schedule_step``, see
     `gradtx.hyper.HyperSpec.resolve`), so a schedule written in micro-steps needs no change. The count
     of micro-steps is the enclosing `chain`'s ``step`` when there is one, else this state's own.
 
-    Under ``jax.vmap`` (a sweep) the step counter is one per configuration, so the predicate of the
-    ``lax.cond`` is batched, and vmap would turn the cond into a select that runs ``inner`` on every
-    micro-step. A custom batching rule avoids that: when all configurations are at the same micro-step
-    (every sweep steps them together) one unbatched cond decides for all of them; otherwise (states at
-    different counts) it falls back to the select, correct but as costly as a full step. A consequence:
-    ``update`` has no reverse-mode derivative (``jax.custom_batching.custom_vmap`` has none), which an
-    optimizer update seldom needs.
+    Under ``jax.vmap`` (a sweep) the micro-step counter is one per configuration, and vmap would turn a
+    cond on it into a select that runs ``inner`` on every micro-step. A custom batching rule keeps the
+    cond: ``inner`` runs (for all configurations) when at least one of them updates, so in a sweep,
+    whose configurations step together, the micro-steps skip ``inner`` as they do unbatched; and
+    configurations at different micro-steps (a sweep whose early-stopped runs are frozen) stay
+    correct. Each configuration then keeps ``inner``'s result only if it updates, a select on the
+    inner state that XLA implements with copies of that state: measured on a CPU, such a vmapped
+    micro-step cost more than a full step (``experiments/bench/options.md``). Passing the micro-step
+    unbatched removes the selects: ``jax.vmap(lambda g, s, p: tx.update(g, s, p, step=n), in_axes=(None, 0,
+    0))`` with ``n`` the common count (an enclosing `chain` hands ``step`` on). ``update`` has no
+    reverse-mode derivative (``jax.custom_batching.custom_vmap`` has none), which an optimizer update
+    seldom needs.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"accumulate_gradients: steps must be an integer >= 2, got {steps!r}")
@@ -61,25 +73,32 @@ def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
         clocks = {"step": micro // steps, "schedule_step": extra.get("schedule_step", micro)}
         return inner.update(mean, inner_state, params, **{**extra, **clocks})
 
-    def micro_step(micro, grads, accumulated, inner_state, params, extra):
-        """``(updates, accumulated, inner_state)`` after the micro-step ``micro``, with one lax.cond."""
+    def micro_step(micro, takes, run, grads, accumulated, inner_state, params, extra):
+        """``(updates, accumulated, inner_state)`` after the micro-step ``micro``. ``run`` (one bool for
+        all configurations of a vmap) decides whether ``inner`` runs at all, a ``lax.cond``; ``takes``
+        (this configuration's) whether its result is kept (``None``: it is, whenever it runs)."""
 
-        def apply(_):
+        def updated(_):
             def mean(g, a):
                 return (((g.astype(a.dtype) + a) * (1.0 / steps)).astype(g.dtype), a)
 
             mean_grads, _ = leafwise("accumulate_gradients", mean, grads, accumulated)
-            return (*run_inner(micro, mean_grads, inner_state, params, extra), jnp.bool_(True))
+            return run_inner(micro, mean_grads, inner_state, params, extra)
 
-        def keep(_):
-            shapes = jax.eval_shape(apply, None)[0]
-            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-            return zeros, inner_state, jnp.bool_(False)
+        def apply(_):
+            new, s = updated(None)
+            if takes is None:
+                return new, s, jnp.bool_(True)
+            keep = lambda a, b: jnp.where(takes, a, b)  # noqa: E731
+            return jax.tree.map(keep, new, zeros_of(updated)), jax.tree.map(keep, s, inner_state), takes
 
-        new, inner_state, applied = lax.cond((micro + 1) % steps == 0, apply, keep, None)
+        def skip(_):
+            return zeros_of(updated), inner_state, jnp.bool_(False)
+
+        new, inner_state, applied = lax.cond(run, apply, skip, None)
         # Outside the cond, one fused pass that writes the running sum in place. It reads the cond's
-        # flag (not ``is_update``), so that XLA orders it after the cond, which reads the old sum;
-        # otherwise XLA copies the sum into a new buffer first, which costs more than the micro-step.
+        # flag (not ``run``), so that XLA orders it after the cond, which reads the old sum; otherwise
+        # XLA copies the sum into a new buffer first, which costs more than the micro-step itself.
         _, accumulated = leafwise(
             "accumulate_gradients",
             lambda g, a: (g, jnp.where(applied, jnp.zeros_like(a), g.astype(a.dtype) + a)),
@@ -88,8 +107,27 @@ def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
         )
         return new, accumulated, inner_state
 
+    @custom_vmap
+    def one_clock(micro, *args):
+        is_update = (micro + 1) % steps == 0
+        return micro_step(micro, None, is_update, *args)
+
+    @one_clock.def_vmap
+    def one_clock_batched(axis_size, in_batched, micro, *args):
+        micro_batched, *args_batched = in_batched
+        axes = [jax.tree.map(lambda b: 0 if b else None, b) for b in args_batched]
+        is_update = (micro + 1) % steps == 0
+        run = jnp.any(is_update)  # one bool for all configurations: the cond stays a cond
+        if micro_batched:
+            vmapped = jax.vmap(micro_step, in_axes=(0, 0, None, *axes), axis_size=axis_size)
+            out = vmapped(micro, is_update, run, *args)
+        else:
+            vmapped = jax.vmap(micro_step, in_axes=(None, None, None, *axes), axis_size=axis_size)
+            out = vmapped(micro, None, run, *args)
+        return out, jax.tree.map(lambda _: True, out)
+
     # jit: called eagerly, the lax.cond compiles once per transformation, not at every call.
-    shared = jax.jit(_shared_clock(micro_step))
+    shared = jax.jit(one_clock)
 
     def init(params):
         accumulated = jax.tree.map(zeros_like_state, params)
@@ -101,32 +139,3 @@ def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
         return new, AccumulationState(next_step(micro), accumulated, inner_state)
 
     return Transformation(init, update)
-
-
-def _shared_clock(fn):
-    """``fn(clock, *args)`` whose batching rule keeps ``clock`` unbatched when every configuration of a
-    vmap holds the same value (checked at run time), so a ``lax.cond`` on it stays a cond."""
-
-    @custom_vmap
-    def shared(clock: jax.Array, *args: Any):
-        return fn(clock, *args)
-
-    @shared.def_vmap
-    def rule(axis_size, in_batched, clock, *args):
-        clock_batched, *args_batched = in_batched
-        axes = [jax.tree.map(lambda b: 0 if b else None, b) for b in args_batched]
-
-        def with_one_clock(c):
-            return jax.vmap(fn, in_axes=(None, *axes), axis_size=axis_size)(c, *args)
-
-        if not clock_batched:
-            out = with_one_clock(clock)
-        else:
-            out = lax.cond(
-                jnp.all(clock == clock[0]),
-                lambda: with_one_clock(clock[0]),
-                lambda: jax.vmap(fn, in_axes=(0, *axes), axis_size=axis_size)(clock, *args),
-            )
-        return out, jax.tree.map(lambda _: True, out)
-
-    return shared

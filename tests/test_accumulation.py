@@ -118,6 +118,25 @@ def test_under_vmap_a_shared_micro_step_still_skips_the_optimizer():
     assert len(calls) == 3  # a select would run it on all 12 micro-steps (an unbatched callback: once)
 
 
+def test_under_vmap_an_unbatched_step_drives_every_configuration():
+    """The micro-step passed unbatched (``step=``): the lanes equal their separate runs."""
+    params, grads = problem(8, seed=7)
+    rates = [1e-3, 1e-2]
+    make = lambda lr: gradtx.accumulate_gradients(gradtx.adam(lr), 2)  # noqa: E731
+    p0 = [jnp.asarray(p) for p in params]
+    states = jax.vmap(lambda lr: make(lr).init(p0))(jnp.asarray(rates))
+    lanes = jax.tree.map(lambda x: jnp.stack([x, x]), p0)
+    tx = make(rates[0])
+    step = jax.jit(jax.vmap(lambda g, s, p, n: tx.update(g, s, p, step=n), in_axes=(None, 0, 0, None)))
+    for n, g in enumerate(grads):
+        u, states = step([jnp.asarray(x) for x in g], states, lanes, n)
+        lanes = gradtx.apply_updates(lanes, u)
+    for i, lr in enumerate(rates):
+        alone, _ = run(make(lr), params, grads)
+        for a, b in zip(alone, lanes, strict=True):
+            np.testing.assert_allclose(b[i], a, rtol=1e-6, atol=1e-7)
+
+
 def test_under_vmap_states_at_different_micro_steps_each_follow_their_own_clock():
     """The fallback (a select that runs the optimizer every micro-step) is correct: each lane equals its
     own run."""
