@@ -41,7 +41,7 @@ class Average:
 
 
 class EmaState(NamedTuple):
-    average: Average
+    average: Average  # the moving average of the params (read it with ema_params)
     hyperparams: Hyperparams
 
 
