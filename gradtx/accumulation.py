@@ -15,7 +15,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from gradtx.base import State, Transformation, Updates, accepts_extra, leafwise, next_step, zeros_like_state
+from gradtx.base import (
+    State,
+    Transformation,
+    Updates,
+    accepts_extra,
+    is_float,
+    leafwise,
+    next_step,
+    zeros_like_state,
+)
 
 
 class AccumulationState(NamedTuple):
@@ -24,10 +33,18 @@ class AccumulationState(NamedTuple):
     inner: State  # the wrapped optimizer's state, advanced only on update micro-steps
 
 
-def zeros_of(fn) -> Updates:
-    """Zeros shaped like the first output of ``fn(None)`` (traced for its shapes only)."""
+def stand_in(fn, grads: Updates) -> Updates:
+    """A value with the shapes of the first output of ``fn(None)`` (traced for its shapes only): the
+    leaves of ``grads`` where they match, zeros elsewhere."""
     shapes = jax.eval_shape(fn, None)[0]
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    if jax.tree.structure(shapes) != jax.tree.structure(grads):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+    def one(x, g):
+        same = jnp.shape(g) == x.shape and jnp.result_type(g) == x.dtype
+        return g if same else jnp.zeros(x.shape, x.dtype)
+
+    return jax.tree.map(one, shapes, grads)
 
 
 def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
@@ -89,13 +106,15 @@ def accumulate_gradients(inner: Transformation, steps: int) -> Transformation:
             new, s = updated(None)
             if takes is None:
                 return new, s, jnp.bool_(True)
-            keep = lambda a, b: jnp.where(takes, a, b)  # noqa: E731
-            return jax.tree.map(keep, new, zeros_of(updated)), jax.tree.map(keep, s, inner_state), takes
+            return new, jax.tree.map(lambda a, b: jnp.where(takes, a, b), s, inner_state), takes
 
         def skip(_):
-            return zeros_of(updated), inner_state, jnp.bool_(False)
+            # The incoming gradients stand in for the (unused) updates where they have their shapes:
+            # returning them writes nothing, where zeros would be a new buffer and one more pass.
+            return stand_in(updated, grads), inner_state, jnp.bool_(False)
 
         new, inner_state, applied = lax.cond(run, apply, skip, None)
+        new = jax.tree.map(lambda u: jnp.where(applied, u, jnp.zeros_like(u)) if is_float(u) else u, new)
         # Outside the cond, one fused pass that writes the running sum in place. It reads the cond's
         # flag (not ``run``), so that XLA orders it after the cond, which reads the old sum; otherwise
         # XLA copies the sum into a new buffer first, which costs more than the micro-step itself.
