@@ -284,42 +284,74 @@ def _seeds(loop: Loop, family: Family, config: Any) -> jax.Array | None:
 
 @partial(jax.jit, static_argnames=("loop", "families", "num_periods"), donate_argnames=("carry",))
 def run_chunk(loop: Loop, families: tuple, num_periods: int, carry, configs, key, first_step, arrays):
-    """``num_periods`` periods of every family from ``first_step``: ``(carry, (step outputs, metrics))``
-    with outputs stacked ``(periods, [configurations,] period)`` and ``(periods, [configurations])``."""
+    """``num_periods`` periods of every family from ``first_step``: ``(carry, outputs)`` with, per
+    family, the step outputs stacked ``(periods, period[, configurations])``, the metrics ``(periods[,
+    configurations])`` and the population step's records ``(periods, ...)``.
+
+    The families without groups step together, in one scan over the period's steps whose body steps
+    each of them (one loop for the nine optimizers of `gradtx.compare`, not nine); a family in groups
+    runs its groups one after another, each a scan over the period."""
     num_steps = num_periods * loop.period
     tables = [
         loop.source.tables(first_step, num_steps, key, arrays, _seeds(loop, f, c))
         for f, c in zip(families, configs, strict=True)
     ]
+    # A per-seed shuffle has a table per configuration: (orders, first_epoch).
+    table_axes = [
+        (0, None) if _seeds(loop, f, c) is not None else None for f, c in zip(families, configs, strict=True)
+    ]
+    together = [i for i, f in enumerate(families) if f.group_size is None]
+    grouped = [i for i, f in enumerate(families) if f.group_size is not None]
+
+    def stepper(i: int, s: jax.Array) -> Callable:
+        family = families[i]
+        return across(
+            family,
+            lambda config, run, table: step(
+                loop, family.build(config), run, loop.source.batch(table, arrays, s)
+            ),
+            (0, 0, table_axes[i]),
+        )
 
     def one_period(carry, index):
         start = first_step + index * loop.period
-        new_carry, outputs = [], []
-        for family, config, run, table in zip(families, configs, carry, tables, strict=True):
+        steps = start + jnp.arange(loop.period)
+        carry, outs = list(carry), [None] * len(families)
+
+        def one_step(runs, s):
+            stepped = [
+                stepper(i, s)(configs[i], run, tables[i]) for i, run in zip(together, runs, strict=True)
+            ]
+            return tuple(run for run, _ in stepped), tuple(out for _, out in stepped)
+
+        runs, step_outs = jax.lax.scan(one_step, tuple(carry[i] for i in together), steps)
+        for i, run, out in zip(together, runs, step_outs, strict=True):
+            carry[i], outs[i] = run, out
+        for i in grouped:
+            family = families[i]
 
             def period_of_one(config, run, table, family=family):
                 tx = family.build(config)
-                run, out = jax.lax.scan(
-                    lambda r, s: step(loop, tx, r, loop.source.batch(table, arrays, s)),
-                    run,
-                    start + jnp.arange(loop.period),
+                return jax.lax.scan(
+                    lambda r, s: step(loop, tx, r, loop.source.batch(table, arrays, s)), run, steps
                 )
-                metrics = {}
-                if loop.eval_fn is not None:
-                    run, metrics = end_period(loop, run)
-                return run, (out, metrics)
 
-            # A per-seed shuffle has a table per configuration: (orders, first_epoch).
-            table_axes = (0, None) if _seeds(loop, family, config) is not None else None
-            run, (out, metrics) = across(family, period_of_one, (0, 0, table_axes))(config, run, table)
-            record = {}
+            carry[i], out = across(family, period_of_one, (0, 0, table_axes[i]))(
+                configs[i], carry[i], tables[i]
+            )
+            outs[i] = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), out)  # (period, k), as stepped together
+
+        outputs = []
+        for i, family in enumerate(families):
+            metrics, record = {}, {}
+            if loop.eval_fn is not None:
+                carry[i], metrics = across(family, lambda run: end_period(loop, run), (0,))(carry[i])
             if loop.population is not None and family.batched:
                 period_key = jax.random.fold_in(jax.random.fold_in(key, 1), start // loop.period)
-                run, record = loop.population(run, metrics, period_key, start // loop.period)
+                carry[i], record = loop.population(carry[i], metrics, period_key, start // loop.period)
                 if not isinstance(record, dict) or not all(hasattr(v, "shape") for v in record.values()):
                     raise ValueError(f"a population step must return (runs, dict of arrays), got {record!r}")
-            new_carry.append(run)
-            outputs.append((out, metrics, record))
-        return tuple(new_carry), tuple(outputs)
+            outputs.append((outs[i], metrics, record))
+        return tuple(carry), tuple(outputs)
 
     return jax.lax.scan(one_period, tuple(carry), jnp.arange(num_periods))

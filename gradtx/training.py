@@ -183,7 +183,7 @@ def _progress_bar(total: int, start: int = 0) -> Callable:
     shown = [start]
 
     def report(done: int, seconds: float, outputs) -> None:
-        last = [float(np.mean(np.asarray(out.loss)[-1])) for out, _ in outputs]
+        last = [float(np.mean(np.asarray(out.loss)[-1])) for out, *_ in outputs]
         if bar is not None:
             bar.update(done - shown[0])
             bar.set_postfix(loss=f"{np.mean(last):.4g}")
@@ -266,10 +266,9 @@ def histories(p: Plan, carry: tuple, outputs: list, first_step: int) -> list[His
             jnp.concatenate([jnp.asarray(o[i][0][j]) for o in outputs])
             for j in range(len(StepOutputs._fields))
         ]
-        if family.batched:  # (periods, k, period) -> (k, steps)
-            per_step = [jnp.moveaxis(x, 1, 0).reshape(x.shape[1], -1) for x in per_step]
-        else:
-            per_step = [x.reshape(-1) for x in per_step]
+        per_step = [x.reshape(-1, *x.shape[2:]) for x in per_step]  # (periods, period[, k]) -> (steps[, k])
+        if family.batched:
+            per_step = [x.T for x in per_step]  # configurations first
         metrics = {}
         if p.loop.eval_fn is not None:
             metrics = {k: jnp.concatenate([jnp.asarray(o[i][1][k]) for o in outputs]) for k in run.metrics}
@@ -295,6 +294,8 @@ def fingerprint(
 ) -> dict:
     """What identifies a training call across processes (functions by name, arrays by digest)."""
     name = lambda f: getattr(f, "__qualname__", type(f).__name__)  # noqa: E731
+    # A population step given as a NamedTuple of settings (PBT's) is named by its values.
+    settings = lambda f: repr(f) if isinstance(f, tuple) else name(f)  # noqa: E731
     loop = p.loop
     return {
         "owner": owner,
@@ -304,6 +305,7 @@ def fingerprint(
         "first_step": first_step,
         "loss_fn": name(loop.loss_fn),
         "eval_fn": None if loop.eval_fn is None else name(loop.eval_fn),
+        "population": None if loop.population is None else settings(loop.population),
         "plateau_metric": loop.plateau_metric,
         "early_stopping": None if loop.early_stopping is None else list(loop.early_stopping),
         "data": repr(loop.source) if not callable(getattr(loop.source, "fn", None)) else name(loop.source.fn),
