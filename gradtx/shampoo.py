@@ -85,8 +85,8 @@ def precondition_by_shampoo(
 ) -> Transformation:
     """Shampoo's direction per block ``G`` of order ``k``:  ``S_i <- b2*S_i + w*G_(i) G_(i)^T``  for every
     axis ``i`` (``w = 1 - b2``, or ``1`` when ``b2 = 1``: AdaGrad's sum);  every ``precondition_frequency``
-    steps ``P_i <- (S_i / (1 - b2^t) + eps I)^(-1/(2k))``;  ``u <- G x_1 P_1 ... x_k P_k``  (for a matrix,
-    ``u = P_L G P_R``).
+    steps ``P_i <- (S_i / (1 - b2^t) + eps I)^(-1/(2k))``;  ``u <- G x_1 P_1 x_2 P_2``, a mode product per
+    axis (for a matrix, ``u = P_L G P_R``).
 
     ``t = step + 1``. The roots are first computed at ``t = start_preconditioning_step`` (default
     ``precondition_frequency``, as Shi et al.), then at every ``t`` divisible by

@@ -243,8 +243,9 @@ def soap(
     ``precondition_frequency=10``, ``max_precond_dim=10000``, ...). ``weight_decay`` is decoupled and
     multiplied by the learning rate as there, but applied in Keras's order (before the step, as every
     gradtx optimizer's ``weight_decay``) where the reference decays the already-updated weights: the two
-    differ by ``eta * weight_decay * step``, second order in the learning rate. ``None`` (or 0) turns it
-    off. The other Keras base-optimizer options (``clipnorm``, ``use_ema``, ...) as for every optimizer.
+    differ by ``eta * weight_decay * step``, second order in the learning rate (and the first call, which
+    moves nothing in the reference, decays here). ``None`` (or 0) turns it off. The other Keras
+    base-optimizer options (``clipnorm``, ``use_ema``, ...) as for every optimizer.
     """
     core = chain(
         scale_by_soap(
