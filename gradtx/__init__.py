@@ -31,6 +31,7 @@ from gradtx.ema import EmaState, ema_of_params, ema_params
 from gradtx.engine import EarlyStopping, History, StepOutputs, TrainResult
 from gradtx.ftrl import FtrlState, ftrl
 from gradtx.grouping import GroupedState, grouped
+from gradtx.halving import hyperband, successive_halving
 from gradtx.hyper import Hyperparams, Range, hyperparam_ranges, hyperparams, set_hyperparams
 from gradtx.keras_options import KerasOptions, with_keras_options
 from gradtx.lamb import CorrectedAdamState, lamb, scale_by_corrected_adam, scale_by_trust_ratio
@@ -46,6 +47,7 @@ from gradtx.loss_scaling import (
 from gradtx.muon import muon, orthogonalize_by_newton_schulz, scale_by_adam_lr_ratio, scale_by_rms_match
 from gradtx.optimizers import adagrad, adam, adamax, adamw, nadam, rmsprop, sgd
 from gradtx.plateau import PlateauState, current_learning_rate, plateau_scale, reduce_on_plateau
+from gradtx.population import population_based_training
 from gradtx.pruning import (
     PruningState,
     SparsityReport,
@@ -91,6 +93,8 @@ from gradtx.schedules import (
 )
 from gradtx.shampoo import GraftState, ShampooState, graft, precondition_by_shampoo, shampoo
 from gradtx.soap import SoapState, scale_by_soap, soap
+from gradtx.search import SearchResult, random_search
+from gradtx.spaces import choice, int_uniform, log_uniform, uniform
 from gradtx.sweeps import SweepResult, compare, grid, sweep
 from gradtx.training import fit
 from gradtx.transforms import (
@@ -133,6 +137,7 @@ __all__ = [
     "RangeTest",
     "Schedule",
     "ScheduleFreeState",
+    "SearchResult",
     "ShampooState",
     "ShuffledBatches",
     "SoapState",
@@ -153,6 +158,7 @@ __all__ = [
     "apply_if_finite",
     "apply_updates",
     "chain",
+    "choice",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
@@ -174,9 +180,11 @@ __all__ = [
     "graft",
     "grid",
     "grouped",
+    "hyperband",
     "hyperparam_ranges",
     "hyperparams",
     "identity",
+    "int_uniform",
     "join_schedules",
     "l1",
     "l1_l2",
@@ -188,6 +196,7 @@ __all__ = [
     "lamb",
     "linear_warmup",
     "lion",
+    "log_uniform",
     "loss_scale_optimizer",
     "lr_range_sweep",
     "lr_range_test",
@@ -206,9 +215,11 @@ __all__ = [
     "piecewise_constant_schedule",
     "plateau_scale",
     "polynomial_decay_sparsity",
+    "population_based_training",
     "power_schedule",
     "precondition_by_shampoo",
     "prune_by_magnitude",
+    "random_search",
     "reduce_on_plateau",
     "rmsprop",
     "scale_by_adadelta",
@@ -239,7 +250,9 @@ __all__ = [
     "soap",
     "sparsity",
     "step_count",
+    "successive_halving",
     "sweep",
+    "uniform",
     "unit_norm",
     "unscale_gradients",
     "weights_only",

@@ -226,6 +226,22 @@ def _plain(make: Transformation, params: ParamsOrInit) -> _Member:
     return _Member(Family(make), None, p, None, None)
 
 
+def member(
+    owner: str,
+    make_tx: Callable[..., Transformation],
+    configs: Configs,
+    params: ParamsOrInit,
+    *,
+    mesh: Mesh | Sequence[jax.Device] | None = None,
+    group_size: int | None = None,
+) -> _Member:
+    """One factory's configurations as `train_members` trains them: checked with `sweep`'s errors (fields,
+    values, fields the factory uses as Python values), each configuration's initial params (from
+    ``PRNGKey(seed)`` when ``params`` is a function), padded and placed along ``mesh`` as in `sweep`.
+    The entry point of the searches in `gradtx.search`."""
+    return _member(owner, make_tx, configs, params, _config_sharding(mesh), group_size)
+
+
 @dataclass
 class SweepResult:
     """The runs of one sweep, configuration ``i`` at index ``i`` of every array."""
