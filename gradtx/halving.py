@@ -9,14 +9,19 @@ with its hyperparameters, scores) and train it in groups of ``group_size`` lanes
 the rungs, one over the groups a rung needs (``ceil(width / group_size)``), one over the rung's periods,
 each period the engine's `run_chunk` on one group. After a rung the pool is reordered by one gather so
 that the survivors (the best ``1/eta`` by the rung statistic) come first and continue from where they
-stopped. The schedule of rungs and brackets is data of the program, so a search compiles one group step
-once, whatever its number of rungs and brackets; a run resumed from its checkpoints (one per rung) or
-reporting progress calls the same compiled program rung by rung, with bit-identical results.
+stopped. The schedule of rungs and brackets (and the rung statistic) is data of the program, so a
+search compiles one group step once, whatever its number of rungs and brackets (measured at the same
+load: 1.6x the compile time of one rung's program, against 5x for five inlined rungs); a run resumed
+from its checkpoints (one per rung) or reporting progress calls the same compiled program rung by rung,
+with bit-identical results.
 
 **Compute and time.** The compute reported is the configuration-steps of the trials; the last group of a
 rung may carry idle lanes (``ceil(width / group_size) * group_size - width``), computed but not counted.
-On a CPU small groups are fastest (``group_size=1``, the default without a mesh, wastes nothing); on an
-accelerator choose a group wide enough to fill it. With ``mesh`` the lanes of each group are split over
+On a CPU small groups are fastest (the digits MLP, 81 configurations: groups of 1 and 3 took the
+same time, groups of 9 twice as long; ``group_size=1``, the default without a mesh, wastes nothing); on
+an accelerator choose a group wide enough to fill it (the last rungs' few trials then run on mostly
+idle lanes: on a device with lanes to spare, successive halving takes about as many sequential periods
+as the full search). With ``mesh`` the lanes of each group are split over
 the devices, so ``group_size`` must be a multiple of the device count (its default).
 """
 

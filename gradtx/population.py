@@ -11,8 +11,8 @@ from the space with probability ``resample_probability``, else multiplied by a f
 Nothing is copied after the last evaluation, so the final members are the ones that were evaluated.
 
 The population step records, per period, each member's parent (itself when not replaced) and its
-hyperparameters after exploring: `SearchResult.lineage`, from which `SearchResult`'s `schedule` traces
-the hyperparameter schedule the best member followed.
+hyperparameters after exploring: ``SearchResult.lineage``, from which ``SearchResult.schedule(name)``
+traces the hyperparameter schedule the best member followed.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ persistent cache is on; before the first computation::
     jax.config.update("jax_compilation_cache_dir", "/tmp/jax_cache")
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-`SearchResult.compile_seconds` shows what XLA's compilation cost in a call (``experiments/search/``
+``SearchResult.compile_seconds`` shows what XLA's compilation cost in a call (``experiments/search/``
 measures a rerun in a fresh process).
 """
 
