@@ -317,6 +317,34 @@ def test_population_based_training_replaces_the_worst_and_continues_the_copies()
     assert history[member, 1] == pytest.approx(float(second.history.metrics["valid_loss"][0]), rel=RTOL)
 
 
+# The resumed sweep compiles its chunk again (the restored carry is committed to a device, the fresh one
+# is not, and jit keys on that): two compilations of the PBT program.
+@pytest.mark.slow
+def test_population_based_training_interrupted_between_chunks_resumes_with_its_lineage(tmp_path):
+    def pbt(**kwargs):
+        return gradtx.population_based_training(
+            loss_fn, PARAMS, make, SPACE, DATA, 40, population=8, ready_every=10, key=KEY, eval_fn=valid,
+            chunks=2, **kwargs,
+        )  # fmt: skip
+
+    def stop_halfway(done, total):
+        if done == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pbt(checkpoint_dir=tmp_path, progress=stop_halfway)
+    resumed, straight = pbt(checkpoint_dir=tmp_path), pbt()
+    np.testing.assert_array_equal(resumed.metric_history, straight.metric_history)
+    for name in ("parent", *SPACE):
+        np.testing.assert_array_equal(resumed.lineage[name], straight.lineage[name])
+    jax.tree.map(np.testing.assert_array_equal, resumed.best_params, straight.best_params)
+    with pytest.raises(ValueError, match="holds a run with other arguments"):  # other PBT settings
+        gradtx.population_based_training(
+            loss_fn, PARAMS, make, SPACE, DATA, 40, population=8, ready_every=10, key=KEY, eval_fn=valid,
+            chunks=2, fraction=0.5, checkpoint_dir=tmp_path,
+        )  # fmt: skip
+
+
 def test_the_schedule_follows_the_ancestry_of_the_best_member():
     # Two members, three periods: member 1 copies member 0 after period 0 (rate 0.2 -> 0.25), then
     # member 0 copies member 1 after period 1 (0.25 -> 0.3125).
