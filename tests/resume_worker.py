@@ -39,21 +39,25 @@ def make(learning_rate, momentum):
 
 
 COMMON = dict(eval_fn=valid, eval_every=EVERY, plateau_metric="valid_loss", chunks=CHUNKS)
+# Built once, so that the test's resumed and uninterrupted calls share one compiled program.
+FIT_TX = make(0.05, 0.9)
+STOPPING = gradtx.EarlyStopping("valid_loss", patience=2, min_delta=1e-3, restore_best_weights=True)
+FAMILIES = {
+    "adam": gradtx.chain(gradtx.adam(0.01), gradtx.reduce_on_plateau(patience=2)),
+    "sgd": (make, {"learning_rate": [0.02, 0.1], "momentum": [0.9, 0.9]}),
+}
 
 
 def run(mode: str, directory: str | None):
     if mode == "fit":
-        return gradtx.fit(loss_fn, init(jax.random.PRNGKey(0)), make(0.05, 0.9), DATA, STEPS,
-                          checkpoint_dir=directory, **COMMON)  # fmt: skip
+        params = init(jax.random.PRNGKey(0))
+        return gradtx.fit(loss_fn, params, FIT_TX, DATA, STEPS, checkpoint_dir=directory, **COMMON)
     if mode == "sweep":
-        stopping = gradtx.EarlyStopping("valid_loss", patience=2, min_delta=1e-3, restore_best_weights=True)
         configs = gradtx.grid(learning_rate=[0.01, 0.05, 0.3], momentum=[0.0, 0.9])
-        return gradtx.sweep(loss_fn, init, make, configs, DATA, STEPS, early_stopping=stopping,
+        return gradtx.sweep(loss_fn, init, make, configs, DATA, STEPS, early_stopping=STOPPING,
                             checkpoint_dir=directory, **COMMON)  # fmt: skip
     if mode == "compare":
-        families = {"adam": gradtx.chain(gradtx.adam(0.01), gradtx.reduce_on_plateau(patience=2)),
-                    "sgd": (make, {"learning_rate": [0.02, 0.1], "momentum": [0.9, 0.9]})}  # fmt: skip
-        return gradtx.compare(loss_fn, init, families, DATA, STEPS, checkpoint_dir=directory, **COMMON)
+        return gradtx.compare(loss_fn, init, FAMILIES, DATA, STEPS, checkpoint_dir=directory, **COMMON)
     raise ValueError(mode)
 
 
