@@ -145,7 +145,8 @@ def plot_best_so_far(
                 spent = result.compile_seconds + (result.seconds - result.compile_seconds) * spent / spent[-1]
         else:
             spent, best = (np.asarray(v, np.float64) for v in result)
-        ax.step(spent, best, where="post", label=name)
+        (line,) = ax.step(spent, best, where="post", label=name)
+        ax.plot(spent[-1:], best[-1:], "o", color=line.get_color())  # where it ended (a lone evaluation too)
     ax.set(xlabel="configuration-steps" if x == "compute" else "wall-clock (s)", ylabel="best so far")
     ax.set_yscale("log")
     ax.legend(fontsize="small")
