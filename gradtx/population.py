@@ -59,23 +59,29 @@ class Exploit(NamedTuple):
         finite = jnp.isfinite(value)
         order = jnp.lexsort((members, jnp.where(finite, value, jnp.inf)))  # best first, diverged last
         top, bottom = order[: self.count], order[n - self.count :]
-        keys = jax.random.split(key, 2 + 2 * len(self.dims))
-        drawn = top[
-            jax.random.categorical(keys[0], jnp.where(finite[top], 0.0, -jnp.inf), shape=(self.count,))
-        ]
-        allowed = finite[top].any() & (period < self.last_period)
+        # One uniform draw serves every choice (each random call adds a generator to the compiled program:
+        # measured, 0.35 s less compile on the digits MLP): a parent among the finite best (the first
+        # `finite_top` of `top`), and per hyperparameter a factor and whether to resample.
+        key, *sample_keys = jax.random.split(key, 1 + len(self.dims))
+        u = jax.random.uniform(key, (1 + 2 * len(self.dims), n))
+        finite_top = finite[top].sum()
+        drawn = top[jnp.minimum(jnp.floor(u[0, : self.count] * finite_top).astype(jnp.int32), finite_top - 1)]
+        allowed = (finite_top > 0) & (period < self.last_period)
         parent = members.at[bottom].set(jnp.where(allowed, drawn, bottom))
         runs = jax.tree.map(lambda x: jnp.take(x, parent, axis=0), runs)
         copied = parent != members
         now = hyperparams(runs.opt_state)
+        factors = jnp.asarray(self.factors, jnp.float32)
         explored = {}
         for i, (name, dim) in enumerate(self.dims):
             old = now[name]
-            factor = jnp.asarray(self.factors, jnp.float32)[
-                jax.random.randint(keys[2 + 2 * i], (n,), 0, len(self.factors))
+            factor = factors[
+                jnp.minimum(
+                    jnp.floor(u[1 + 2 * i] * len(self.factors)).astype(jnp.int32), len(self.factors) - 1
+                )
             ]
-            fresh = dim.sample(keys[3 + 2 * i], n).astype(old.dtype)
-            resample = jax.random.uniform(jax.random.fold_in(keys[1], i), (n,)) < self.resample_probability
+            fresh = dim.sample(sample_keys[i], n).astype(old.dtype)
+            resample = u[2 + 2 * i] < self.resample_probability
             new = jnp.where(resample, fresh, dim.perturb(old, factor).astype(old.dtype))
             explored[name] = jnp.where(copied, new, old)
         runs = runs._replace(opt_state=set_hyperparams(runs.opt_state, **explored))
