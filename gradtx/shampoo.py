@@ -100,6 +100,13 @@ def precondition_by_shampoo(
     order ``< 2`` give a zero direction (`graft` then gives them the grafted method's step), except 1-D
     leaves with ``precondition_1d`` (order 1: ``S^(-1/2) g``, full-matrix AdaGrad/RMSProp per block).
     ``exponent_override`` ``p`` replaces ``2k`` by ``p``.
+
+    Caution (measured): when a statistic has low rank (fewer gradient samples than rows since the start)
+    and the roots are refreshed rarely, ``eps = 1e-12`` magnifies a new gradient's component outside the
+    old statistic's range by ``eps^(-1/(2k))``, and the direction follows it. Fed one sample per step, a
+    ``6 x 4`` least-squares weight refreshed every 3 steps drifted (loss 907 to 4,469 in 60 steps), where
+    refreshing every step, or ``eps`` at ~2% of the statistic's largest eigenvalue, converged. Batches
+    wider than the layer, a later ``start_preconditioning_step`` or a larger ``epsilon`` avoid it.
     """
     owner = "precondition_by_shampoo"
     frequency = whole_number(owner, "precondition_frequency", precondition_frequency, 1)
