@@ -91,9 +91,9 @@ from gradtx.schedules import (
     piecewise_constant_schedule,
     power_schedule,
 )
+from gradtx.search import SearchResult, random_search
 from gradtx.shampoo import GraftState, ShampooState, graft, precondition_by_shampoo, shampoo
 from gradtx.soap import SoapState, scale_by_soap, soap
-from gradtx.search import SearchResult, random_search
 from gradtx.spaces import choice, int_uniform, log_uniform, uniform
 from gradtx.sweeps import SweepResult, compare, grid, sweep
 from gradtx.training import fit
