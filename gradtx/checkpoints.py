@@ -49,6 +49,16 @@ def digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+def _placed_like(value: np.ndarray, like: Any) -> jax.Array:
+    """``value`` as an array placed like ``like``: with its sharding when ``like`` is committed to
+    devices, else uncommitted (as a fresh carry is), so that a resumed run finds the compiled chunks of
+    a fresh one instead of compiling them again."""
+    value = value.view(np.dtype(like.dtype))
+    if isinstance(like, jax.Array) and like.committed:
+        return jax.device_put(value, like.sharding)
+    return jax.numpy.asarray(value)
+
+
 def _local(tree: Any) -> bool:
     return all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in jax.tree.leaves(tree))
 
@@ -110,10 +120,7 @@ class Checkpoints:
                     raise ValueError(
                         f"checkpoint_dir {self.directory}: the saved state has another structure"
                     )
-                carry = [
-                    jax.device_put(saved[f"c{i:05d}"].view(np.dtype(like.dtype)), like.sharding)
-                    for i, like in enumerate(leaves)
-                ]
+                carry = [_placed_like(saved[f"c{i:05d}"], like) for i, like in enumerate(leaves)]
                 history = {name: saved[f"h{i:05d}"] for i, name in enumerate(meta["history"])}
             return treedef.unflatten(carry), history, int(meta["periods_done"])
         if not os.path.isdir(os.path.join(self.directory, "orbax")):

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -197,3 +198,22 @@ def test_a_search_with_a_population_step_resumes_with_its_records(tmp_path):
         (resumed.params, resumed.opt_state, resumed.history),
         (straight.params, straight.opt_state, straight.history),
     )
+
+
+def test_a_resumed_sweep_reuses_the_compiled_chunks():
+    # The restored carry used to be committed to a device where a fresh one is not: jax.jit saw
+    # another signature and compiled every chunk again.
+    from gradtx.engine import run_chunk
+
+    def stop_at_20(done, total):
+        if done == 20:
+            raise KeyboardInterrupt
+
+    args = (loss_fn, PARAMS, gradtx.sgd, {"learning_rate": [0.01, 0.05]}, (X, Y), STEPS)
+    gradtx.sweep(*args, chunks=3)  # compiles the chunk
+    compiled = run_chunk._cache_size()
+    with tempfile.TemporaryDirectory() as directory:
+        with pytest.raises(KeyboardInterrupt):
+            gradtx.sweep(*args, chunks=3, checkpoint_dir=directory, progress=stop_at_20)
+        gradtx.sweep(*args, chunks=3, checkpoint_dir=directory)
+    assert run_chunk._cache_size() == compiled
