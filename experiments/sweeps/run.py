@@ -139,7 +139,10 @@ def main():
 
     def gradtx_sweep(group_size):
         return gradtx.sweep(
-            loss_fn, params, lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9), {"learning_rate": rates},
+            loss_fn,
+            params,
+            lambda learning_rate: gradtx.sgd(learning_rate, momentum=0.9),
+            {"learning_rate": rates},
             batches,
             steps,
             group_size=group_size,
