@@ -22,7 +22,7 @@ docs: $(VENV)/.installed
 
 test: lint docs
 	$(PY) -m pytest -q -n 2 --durations=10 tests
-	$(PY) -m pytest -q -p no:randomly --nbmake notebooks
+	$(PY) -m pytest -q -p no:randomly -n 2 --nbmake notebooks
 
 demo: $(VENV)/.installed
 	$(PY) experiments/optimizer_comparison/run.py
