@@ -178,13 +178,14 @@ def decoupled_weight_decay(weight_decay: Hyper, learning_rate: Hyper) -> Transfo
 def _shrink(owner: str, updates: Params, params: Params, rate: jax.Array, keep: list[bool] | None = None):
     """``u - rate * theta`` for the floating leaves (those ``keep`` selects), in at least float32, back in
     the update's dtype; the trees' structures are checked first."""
-    (checked,) = leafwise(owner, lambda u, p: (u,), updates, params)  # the structure and shape checks
-    flat_u, treedef = jax.tree.flatten(checked)
+    leafwise(owner, lambda u, p: (u, p), updates, params)  # the structure and shape checks
+    # None leaves kept in place: ``keep`` (from `select_leaves`) has an entry for each of them.
+    flat_u, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
     flat_p = treedef.flatten_up_to(params)
     keep = [True] * len(flat_u) if keep is None else keep
     out = []
     for u, p, k in zip(flat_u, flat_p, keep, strict=True):
-        if k and is_float(u):
+        if k and u is not None and is_float(u):
             wide = jnp.promote_types(jnp.result_type(p), jnp.float32)
             u = (u.astype(wide) - rate * p.astype(wide)).astype(u.dtype)
         out.append(u)

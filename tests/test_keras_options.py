@@ -223,3 +223,22 @@ def test_rejects_bad_options_naming_the_argument(kwargs, message, keras_rejects)
 def test_rejects_an_unknown_option():
     with pytest.raises(TypeError, match="adam: unknown argument\\(s\\) \\['clip_norm'\\]"):
         gradtx.adam(0.01, clip_norm=1.0)
+
+
+@pytest.mark.parametrize("other", [jnp.int32(3), jnp.array([True, False]), None], ids=["int", "bool", "none"])
+@pytest.mark.parametrize("make", [lambda: gradtx.adam(1e-2, weight_decay=0.1), lambda: gradtx.soap(1e-2)])
+def test_weight_decay_passes_non_float_leaves_through(make, other):
+    # The float leaf must move exactly as it does in a tree of float leaves only (the case tested
+    # against Keras above); the int, bool or None leaf passes through untouched. soap decays by default.
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    grads = [jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for _ in range(5)]
+    tx_mixed, tx_plain = make(), make()
+    mixed, plain = {"w": w, "other": other}, {"w": w}
+    s_mixed, s_plain = tx_mixed.init(mixed), tx_plain.init(plain)
+    for g in grads:
+        u_mixed, s_mixed = tx_mixed.update({"w": g, "other": other}, s_mixed, mixed)
+        u_plain, s_plain = tx_plain.update({"w": g}, s_plain, plain)
+        np.testing.assert_array_equal(u_mixed["w"], u_plain["w"])
+        assert u_mixed["other"] is other
+        mixed, plain = gradtx.apply_updates(mixed, u_mixed), gradtx.apply_updates(plain, u_plain)
