@@ -98,6 +98,7 @@ def loss_scale_optimizer(
     Scale the loss by `current_loss_scale` (``S`` before the step) to compute the gradients. The check
     for inf and NaN is on the scaled gradients, before ``inner`` runs (a ``lax.cond``: a skipped step
     does not compute ``inner``'s update). ``dynamic_growth_steps`` is a hyperparameter in the state.
+    An ``inner`` that unscales as well (built with ``loss_scale_factor=``) is refused at ``init``.
     """
     check_value("loss_scale_optimizer", "initial_scale", initial_scale, POSITIVE)
     spec = HyperSpec("loss_scale_optimizer", dynamic_growth_steps=(dynamic_growth_steps, WHOLE_POSITIVE))
@@ -105,7 +106,9 @@ def loss_scale_optimizer(
 
     def init(params):
         scale = jnp.asarray(initial_scale, jnp.float32)
-        return LossScaleState(scale, jnp.zeros([], jnp.int32), inner.init(params), spec.init())
+        inner_state = inner.init(params)
+        _check_unscaled_once(inner_state)
+        return LossScaleState(scale, jnp.zeros([], jnp.int32), inner_state, spec.init())
 
     @jax.jit  # called eagerly, the lax.cond compiles once per transformation, not at every call
     def run(updates, state, params, step, extra):
@@ -132,6 +135,23 @@ def loss_scale_optimizer(
         return run(updates, state, params, step, extra)
 
     return Transformation(init, update)
+
+
+def _check_unscaled_once(inner_state: State) -> None:
+    """Refuses an ``inner`` that unscales too (its ``loss_scale_factor=`` or another
+    `loss_scale_optimizer`): the gradients would be divided twice while the loss is scaled once.
+    (Keras's ``LossScaleOptimizer`` sets the inner optimizer's ``loss_scale_factor`` to None instead;
+    a built transformation cannot be changed, so the choice is left to the user.)"""
+    nodes = jax.tree.leaves(inner_state, is_leaf=lambda x: isinstance(x, Hyperparams | LossScaleState))
+    for node in nodes:
+        if isinstance(node, LossScaleState):
+            raise ValueError("loss_scale_optimizer: the inner optimizer is a loss_scale_optimizer already")
+        if isinstance(node, Hyperparams) and node.owner == "unscale_gradients":
+            factor = node.constant.get("loss_scale_factor", "a schedule")
+            raise ValueError(
+                f"loss_scale_optimizer: the inner optimizer unscales by loss_scale_factor={factor} too, "
+                "so the gradients would be divided twice; build it without loss_scale_factor"
+            )
 
 
 def current_loss_scale(state: State) -> jax.Array:

@@ -173,3 +173,18 @@ def test_apply_if_finite_skipped_steps_do_not_advance_bias_corrections():
 def test_rejects_bad_arguments(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize(
+    "inner, message",
+    [
+        (gradtx.sgd(0.1, loss_scale_factor=8.0), "loss_scale_factor=8.0 too"),
+        (gradtx.chain(gradtx.unscale_gradients(4.0), gradtx.adam(1e-3)), "loss_scale_factor=4.0 too"),
+        (gradtx.loss_scale_optimizer(gradtx.adam(1e-3)), "is a loss_scale_optimizer already"),
+    ],
+)
+def test_an_inner_optimizer_that_unscales_too_is_refused(inner, message):
+    # The loss is multiplied by current_loss_scale once; an inner unscaling would divide the gradients
+    # a second time (sgd with loss_scale_factor=8 inside: every step 8x too small, silently).
+    with pytest.raises(ValueError, match=message):
+        gradtx.loss_scale_optimizer(inner).init({"w": jnp.ones(3)})
