@@ -353,7 +353,7 @@ def _search(
     if not (isinstance(smoothing, int | float) and 0 <= smoothing < 1):
         raise ValueError(f"{owner}: smoothing must be in [0, 1), got {smoothing!r}")
     metric = metric_name(owner, eval_fn, params, metric)
-    sample_key, data_key = split_key(key)
+    sample_key, data_key = split_key(owner, key)
     trials = max(r.offset + r.width for r in rungs)
     devices = 1 if mesh is None else int(np.asarray(mesh.devices if isinstance(mesh, Mesh) else mesh).size)
     group = _group(owner, group_size, devices)

@@ -165,13 +165,22 @@ def population_based_training(
     count = int(fraction * population)
     if fraction > 0 and count == 0:
         raise ValueError(f"{owner}: fraction={fraction} of population={population} replaces no member")
-    factors = tuple(float(f) for f in perturb)
+    if steps % ready_every or steps // ready_every < 2:
+        raise ValueError(
+            f"{owner}: ready_every must divide steps={steps} into at least two periods (one exploitation "
+            f"between them), got ready_every={ready_every}"
+        )
+    numbers = isinstance(perturb, Sequence) and not isinstance(perturb, str)
+    numbers = numbers and all(
+        isinstance(f, int | float | np.integer | np.floating) and not isinstance(f, bool) for f in perturb
+    )
+    factors = tuple(float(f) for f in perturb) if numbers else ()
     if not factors or not all(np.isfinite(f) and f > 0 for f in factors):
         raise ValueError(f"{owner}: perturb must be a non-empty list of factors > 0, got {perturb!r}")
     if not (isinstance(resample_probability, int | float) and 0 <= resample_probability <= 1):
         raise ValueError(f"{owner}: resample_probability must be in [0, 1], got {resample_probability!r}")
     metric = metric_name(owner, eval_fn, params, metric)
-    sample_key, data_key = split_key(key)
+    sample_key, data_key = split_key(owner, key)
     space = check_space(owner, space)
     configs = draw(owner, space, sample_key, population)
     m = member(owner, make_tx, configs, params, mesh=mesh, group_size=group_size)

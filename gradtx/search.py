@@ -41,7 +41,7 @@ from gradtx.base import Params, Transformation
 from gradtx.data import Data
 from gradtx.engine import EvalFn, LossFn
 from gradtx.spaces import Space, check_space, sample
-from gradtx.sweeps import ParamsOrInit, SweepResult, sweep
+from gradtx.sweeps import ParamsOrInit, SweepResult, member, train_members
 from gradtx.training import positive_int
 
 # --- the result ------------------------------------------------------------------------------------------
@@ -182,9 +182,14 @@ def metric_name(owner: str, eval_fn: EvalFn | None, params: ParamsOrInit, metric
     return metric
 
 
-def split_key(key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def split_key(owner: str, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     key = jax.random.PRNGKey(0) if key is None else key
-    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    try:
+        return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{owner}: key must be a JAX random key (jax.random.key(0) or jax.random.PRNGKey(0)), got {key!r}"
+        ) from None
 
 
 def draw(owner: str, space: Space, key: jax.Array, n: int) -> dict[str, np.ndarray]:
@@ -253,13 +258,15 @@ def random_search(
     clock = Clock()
     check_mode("random_search", mode)
     metric = metric_name("random_search", eval_fn, params, metric)
-    sample_key, data_key = split_key(key)
+    sample_key, data_key = split_key("random_search", key)
     configs = draw(
         "random_search", space, sample_key, positive_int("random_search", "num_configs", num_configs)
     )
-    swept = sweep(
-        loss_fn, params, make_tx, configs, data, steps, key=data_key, eval_fn=eval_fn, eval_every=eval_every,
-        chunks=chunks, progress=progress, mesh=mesh, group_size=group_size, checkpoint_dir=checkpoint_dir,
+    m = member("random_search", make_tx, configs, params, mesh=mesh, group_size=group_size)
+    (swept,) = train_members(
+        "random_search", [m], loss_fn, data, steps, key=data_key, eval_fn=eval_fn, eval_every=eval_every,
+        plateau_metric=None, early_stopping=None, chunks=chunks, progress=progress,
+        checkpoint_dir=checkpoint_dir,
     )  # fmt: skip
     return side_by_side("random_search", metric, mode, swept, configs, clock)
 

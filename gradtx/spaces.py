@@ -26,12 +26,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+F32_MAX, F32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
+
 
 def _finite_number(owner: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
     if not math.isfinite(float(value)):
         raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+    # Configurations are drawn as int32 (whole numbers) or float32: a value beyond those would wrap
+    # around or become inf on the device.
+    if isinstance(value, int | np.integer) and abs(int(value)) > np.iinfo(np.int32).max:
+        raise ValueError(f"{owner}: {name} must fit in int32, got {value!r}")
+    if abs(float(value)) > F32_MAX:
+        raise ValueError(f"{owner}: {name} must fit in float32 (|x| <= {F32_MAX:.3g}), got {value!r}")
     return float(value)
 
 
@@ -108,6 +116,10 @@ def log_uniform(low: float, high: float) -> LogUniform:
     low, high = _finite_number("log_uniform", "low", low), _finite_number("log_uniform", "high", high)
     if not 0 < low < high:
         raise ValueError(f"log_uniform: needs 0 < low < high, got low={low:g}, high={high:g}")
+    if low < F32_TINY:
+        raise ValueError(
+            f"log_uniform: low must be >= {F32_TINY:.3g} (float32's smallest normal), got {low:g}"
+        )
     return LogUniform(low, high)
 
 
@@ -116,6 +128,8 @@ def uniform(low: float, high: float) -> Uniform:
     low, high = _finite_number("uniform", "low", low), _finite_number("uniform", "high", high)
     if not low < high:
         raise ValueError(f"uniform: needs low < high, got low={low:g}, high={high:g}")
+    if high - low > F32_MAX:
+        raise ValueError(f"uniform: high - low must fit in float32, got low={low:g}, high={high:g}")
     return Uniform(low, high)
 
 

@@ -125,14 +125,20 @@ def _check_vmappable(
     single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), params)
     first = {k: v[0].item() for k, v in fields.items()}
 
+    class Refused(Exception):
+        """The factory accepted these values as numbers (checked before) but refuses them traced."""
+
     def traces(swept: dict) -> bool:
         def one(config, p):
-            tx = make_tx(**{**first, **config})
+            try:
+                tx = make_tx(**{**first, **config})
+            except (TypeError, ValueError) as error:  # e.g. "must be an integer": a structural option
+                raise Refused from error
             return tx.update(p, tx.init(p), p)
 
         try:
             jax.eval_shape(jax.vmap(one, in_axes=(0, None)), swept, single)
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError, Refused):
             return False
         except Exception:  # anything else (e.g. an update that needs value=) shows in the run itself
             return True
@@ -142,8 +148,9 @@ def _check_vmappable(
         culprits = [k for k in fields if not traces({k: fields[k]})] or sorted(fields)
         raise ValueError(
             f"{owner}: the optimizer factory uses configuration field(s) {culprits} as Python values (a "
-            "bool flag, a count), which one vmapped program cannot vary; sweep numeric hyperparameters "
-            "and give each structural option its own family in gradtx.compare"
+            "bool flag, a count), which one vmapped program cannot vary; set such an option inside "
+            "make_tx (e.g. functools.partial(gradtx.adam, gradient_accumulation_steps=2)), or give each "
+            "of its values its own family in gradtx.compare"
         )
 
 

@@ -384,6 +384,12 @@ def test_pbt_names_a_space_field_it_cannot_write_into_the_state(make_tx, space, 
         )
 
 
+def pbt(steps=20, **kw):
+    return gradtx.population_based_training(
+        loss_fn, PARAMS, make, SPACE, DATA, steps, population=4, ready_every=10, eval_fn=valid, **kw
+    )
+
+
 # --- errors and devices --------------------------------------------------------------------------------
 
 
@@ -400,6 +406,37 @@ def test_pbt_names_a_space_field_it_cannot_write_into_the_state(make_tx, space, 
         (lambda: halve(min_steps=20), "max_steps / min_steps must be eta\\^s"),
         (lambda: halve(rung_metric="median"), "rung_metric must be 'current', 'best' or 'ema'"),
         (lambda: halve(num_configs=2), "num_configs must be >= eta=3"),
+        (lambda: halve(key=3), "successive_halving: key must be a JAX random key"),
+        (
+            lambda: gradtx.successive_halving(  # a fixed structural number is still traced: named
+                loss_fn,
+                PARAMS,
+                gradtx.sgd,
+                {**SPACE, "gradient_accumulation_steps": 2},
+                DATA,
+                90,
+                num_configs=9,
+                eval_fn=valid,
+            ),
+            "successive_halving: .*\\['gradient_accumulation_steps'\\] as Python values",
+        ),
+        (
+            lambda: gradtx.random_search(
+                loss_fn, PARAMS, make, SPACE, DATA, 20, num_configs=2, eval_fn=valid, eval_every=3
+            ),
+            "random_search: eval_every must divide steps=20",
+        ),
+        (
+            lambda: gradtx.random_search(
+                loss_fn, PARAMS, make, SPACE, DATA, 20, num_configs=2, eval_fn=valid, key=3
+            ),
+            "random_search: key must be a JAX random key",
+        ),
+        (lambda: pbt(steps=22), "ready_every must divide steps=22 into at least two periods.*ready_every=10"),
+        (lambda: pbt(steps=10), "ready_every must divide steps=10 into at least two periods"),
+        (lambda: pbt(perturb=0.8), "perturb must be a non-empty list of factors > 0, got 0.8"),
+        (lambda: pbt(perturb="ab"), "perturb must be a non-empty list of factors > 0, got 'ab'"),
+        (lambda: pbt(perturb=(0.8, -1.0)), "perturb must be a non-empty list of factors > 0"),
     ],
 )
 def test_bad_searches_fail_before_compiling(call, message):

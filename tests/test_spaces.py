@@ -111,6 +111,13 @@ def test_perturbing_a_choice_moves_to_the_neighbouring_value():
         (lambda: sample({}, KEY, 3), "sample: space must be a non-empty dict"),
         (lambda: sample({"lr": "high"}, KEY, 3), "sample: space\\['lr'\\] must be a number, got 'high'"),
         (lambda: sample({"lr": 0.1}, KEY, 0), "sample: n must be an int >= 1, got 0"),
+        # Values beyond int32 / float32 would wrap around, become inf, NaN or 0 on the device.
+        (lambda: sample({"n": 2**40}, KEY, 3), "sample: space\\['n'\\] must fit in int32, got 1099511627776"),
+        (lambda: sample({"x": 1e39}, KEY, 3), "sample: space\\['x'\\] must fit in float32"),
+        (lambda: gradtx.uniform(-1e39, 1e39), "uniform: low must fit in float32"),
+        (lambda: gradtx.uniform(-3e38, 3e38), "uniform: high - low must fit in float32"),
+        (lambda: gradtx.log_uniform(1e-45, 1e-40), "log_uniform: low must be >= 1.18e-38"),
+        (lambda: gradtx.choice([1, 2**33]), "choice: every value must fit in int32"),
     ],
 )
 def test_bad_spaces_are_named(make, message):

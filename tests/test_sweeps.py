@@ -321,6 +321,11 @@ def test_bad_sweeps_fail_before_compiling(configs, message):
             "field\\(s\\) \\['nesterov'\\] as Python",
         ),
         (gradtx.adam, {"mu_dtype": [jnp.bfloat16, jnp.float32]}, "field 'mu_dtype' must hold numbers"),
+        (  # refused by the factory's own validation when traced (not a tracer error)
+            gradtx.adam,
+            {"learning_rate": [0.1, 0.2], "gradient_accumulation_steps": [2, 2]},
+            "field\\(s\\) \\['gradient_accumulation_steps'\\] as Python values.*functools.partial",
+        ),
     ],
 )
 def test_structural_options_are_named_before_compiling(make, configs, message):
