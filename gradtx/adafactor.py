@@ -49,7 +49,7 @@ class FactoredRmsState(NamedTuple):
 
 
 def _factored(p) -> bool:
-    return is_float(p) and jnp.ndim(p) >= 2
+    return is_float(p) and jnp.ndim(p) >= 2 and jnp.size(p) > 0  # an empty leaf has no row means
 
 
 def _placeholder() -> jax.Array:
@@ -69,7 +69,7 @@ def _check_shapes(owner: str, path, g, r, c, v) -> None:
     if not is_float(g):
         return
     shape = jnp.shape(g)
-    if len(shape) >= 2:
+    if _factored(g):
         expected = ((shape[:-1], jnp.shape(r)), (shape[:-2] + shape[-1:], jnp.shape(c)))
     else:
         expected = ((shape, jnp.shape(v)),)
@@ -118,7 +118,7 @@ def scale_by_factored_rms(beta_2_decay: Hyper = -0.8, epsilon_1: Hyper = 1e-30) 
                 return g, r, c, v
             g32 = _f32(g)
             squared = jnp.square(g32) + h["epsilon_1"]
-            if jnp.ndim(g) >= 2:
+            if _factored(g):
                 r = b * r + (1 - b) * jnp.mean(squared, axis=-1)
                 c = b * c + (1 - b) * jnp.mean(squared, axis=-2)
                 full = (r / jnp.mean(r, axis=-1, keepdims=True))[..., None] * c[..., None, :]

@@ -60,7 +60,8 @@ elif TYPE_CHECKING:
 
 
 def _preconditioned(p: Any, precondition_1d: bool) -> bool:
-    return is_float(p) and (jnp.ndim(p) >= 2 or (precondition_1d and jnp.ndim(p) == 1))
+    # An empty leaf (a zero-length axis) has no statistics: it goes with the grafted method.
+    return is_float(p) and jnp.size(p) > 0 and (jnp.ndim(p) >= 2 or (precondition_1d and jnp.ndim(p) == 1))
 
 
 def _layout(shape: tuple[int, ...], block_size: int, merge_dims: bool) -> tuple[int, ...]:
@@ -220,7 +221,7 @@ def graft(
         return GraftState(magnitude.init(params), direction.init(params))
 
     def leaf(m, d):
-        if not is_float(d):
+        if not is_float(d) or jnp.size(d) == 0:  # an empty leaf: no blocks, nothing to scale
             return d
         shape = _layout(jnp.shape(d), block_size, merge_dims)
         pieces = []

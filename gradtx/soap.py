@@ -118,7 +118,12 @@ def scale_by_soap(
         return merged_shape(shape, max_dim) if merge_dims and len(shape) >= 2 else shape
 
     def matrices(p, eye: bool):
-        if not is_float(p) or jnp.ndim(p) == 0 or (jnp.ndim(p) == 1 and not precondition_1d):
+        if (
+            not is_float(p)
+            or jnp.size(p) == 0
+            or jnp.ndim(p) == 0
+            or (jnp.ndim(p) == 1 and not precondition_1d)
+        ):
             return tuple(None for _ in jnp.shape(p))
         make = jnp.eye if eye else (lambda d, dtype: jnp.zeros((d, d), dtype))
         return tuple(make(d, dtype=jnp.float32) if d <= max_dim else None for d in layout(p))

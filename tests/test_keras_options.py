@@ -242,3 +242,37 @@ def test_weight_decay_passes_non_float_leaves_through(make, other):
         np.testing.assert_array_equal(u_mixed["w"], u_plain["w"])
         assert u_mixed["other"] is other
         mixed, plain = gradtx.apply_updates(mixed, u_mixed), gradtx.apply_updates(plain, u_plain)
+
+
+EVERY_FACTORY = {
+    **{name: lambda f=f, kw=kw: f(**kw) for name, (_, f, kw) in FACTORIES.items()},
+    "adadelta": lambda: gradtx.adadelta(1.0),
+    "adafactor": gradtx.adafactor,
+    "ftrl": gradtx.ftrl,
+    "lion": gradtx.lion,
+    "lamb": gradtx.lamb,
+    "muon": gradtx.muon,
+    "schedule_free_adamw": gradtx.schedule_free_adamw,
+    "shampoo": lambda: gradtx.shampoo(1e-2, precondition_frequency=2),
+    "soap": lambda: gradtx.soap(1e-2, precondition_frequency=2),
+}
+
+
+@pytest.mark.parametrize("name", list(EVERY_FACTORY))
+def test_an_empty_leaf_leaves_the_other_leaves_as_they_were(name):
+    # A leaf with a zero-length axis (an empty embedding table, a layer of width 0) has nothing to
+    # update: its update is empty, and the other leaves move exactly as in a tree without it (shampoo,
+    # soap and adafactor divided by its size or indexed its empty axes).
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    grads = [jnp.asarray(rng.normal(size=(5, 3)), jnp.float32) for _ in range(5)]
+    empty = jnp.ones((0, 3), jnp.float32)
+    tx_with, tx_without = EVERY_FACTORY[name](), EVERY_FACTORY[name]()
+    with_, without = {"w": w, "empty": empty}, {"w": w}
+    s_with, s_without = tx_with.init(with_), tx_without.init(without)
+    for g in grads:
+        u_with, s_with = tx_with.update({"w": g, "empty": jnp.zeros((0, 3))}, s_with, with_)
+        u_without, s_without = tx_without.update({"w": g}, s_without, without)
+        np.testing.assert_array_equal(u_with["w"], u_without["w"])
+        assert u_with["empty"].shape == (0, 3)
+        with_, without = gradtx.apply_updates(with_, u_with), gradtx.apply_updates(without, u_without)
