@@ -96,8 +96,8 @@ def _differs(value: Any, default: Any) -> bool:
 def validate(owner: str, options: dict[str, Any]) -> dict[str, Any]:
     """All nine options (defaults filled in), checked as Keras checks them, with errors that name
     ``owner``, the argument and the value. Stricter than Keras where Keras ignores a value silently: a
-    threshold <= 0 (Keras skips the clip), ``gradient_accumulation_steps=0`` or ``1``, and EMA settings
-    without ``use_ema=True`` are errors."""
+    threshold <= 0 (Keras skips the clip), ``gradient_accumulation_steps=0`` (``1`` Keras refuses too),
+    and EMA settings without ``use_ema=True`` are errors."""
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"{owner}: unknown argument(s) {unknown}; the Keras options are {sorted(DEFAULTS)}")
