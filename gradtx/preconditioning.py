@@ -228,12 +228,18 @@ def _finite_or(new: jax.Array, previous: jax.Array) -> jax.Array:
 def inverse_root(stat: jax.Array, previous: jax.Array, root: jax.Array, epsilon: jax.Array) -> jax.Array:
     """``(S + eps I)^(-1/root)`` by ``eigh``, with Shi et al.'s guard: when the smallest computed eigenvalue
     is below ``eps`` (a singular ``S``, or rounding), every eigenvalue is raised by ``eps - lambda_min``,
-    so the smallest is ``eps`` and the root is finite for a zero or rank-deficient ``S``. ``previous``
+    so the smallest is ``eps`` and the root is finite for a zero or rank-deficient ``S``. Then every
+    eigenvalue is raised to at least ``n * ulp * lambda_max`` (``ulp`` of the statistics' float32): below
+    that, float32's ``eigh`` returns rounding noise, different under jit, eager and vmap, which the
+    ``-1/root`` power would turn into different steps (a sweep would not reproduce its runs). ``previous``
     where ``eigh`` fails (non-finite output)."""
-    eye = jnp.eye(stat.shape[-1], dtype=stat.dtype)
+    n = stat.shape[-1]
+    eye = jnp.eye(n, dtype=stat.dtype)
     values, vectors = jnp.linalg.eigh(stat + epsilon * eye)
     lowest = jnp.min(values)
     values = values + jnp.where(lowest < epsilon, epsilon - lowest, 0.0)
+    floor = n * jnp.finfo(values.dtype).eps * jnp.max(values)
+    values = jnp.maximum(values, floor)
     new = jnp.matmul(vectors * values ** (-1.0 / root), vectors.T, precision=HIGHEST)
     return _finite_or(new, previous)
 
