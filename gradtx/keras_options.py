@@ -26,6 +26,8 @@ import numbers
 import sys
 from typing import TYPE_CHECKING, Any, TypedDict
 
+import numpy as np
+
 from gradtx.accumulation import accumulate_gradients
 from gradtx.base import Transformation, chain
 from gradtx.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
@@ -115,8 +117,9 @@ def validate(owner: str, options: dict[str, Any]) -> dict[str, Any]:
     o["gradient_accumulation_steps"] = _whole(
         owner, "gradient_accumulation_steps", o["gradient_accumulation_steps"], 2
     )
-    if not isinstance(o["use_ema"], bool):
+    if not isinstance(o["use_ema"], bool | np.bool_):  # numpy's bools come from config files and arrays
         raise ValueError(f"{owner}: use_ema must be True or False, got {o['use_ema']!r}")
+    o["use_ema"] = bool(o["use_ema"])
     if o["use_ema"]:
         _check(owner, "ema_momentum", o["ema_momentum"], CLOSED_UNIT_INTERVAL)
         frequency = o["ema_overwrite_frequency"]

@@ -220,6 +220,19 @@ def test_rejects_bad_options_naming_the_argument(kwargs, message, keras_rejects)
             K.Adam(0.01, **kwargs)
 
 
+def test_a_numpy_bool_turns_ema_on():
+    # np.True_ (from a config file or an array of flags) is a bool to the user; Keras accepts it too.
+    params = {"w": jnp.ones(3)}
+    with_numpy, with_python = gradtx.adam(0.01, use_ema=np.True_), gradtx.adam(0.01, use_ema=True)
+    g = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+    a, _ = with_numpy.update(g, with_numpy.init(params), params)
+    b, _ = with_python.update(g, with_python.init(params), params)
+    np.testing.assert_array_equal(a["w"], b["w"])
+    np.testing.assert_array_equal(
+        gradtx.ema_params(with_numpy.init(params))["w"], gradtx.ema_params(with_python.init(params))["w"]
+    )
+
+
 def test_rejects_an_unknown_option():
     with pytest.raises(TypeError, match="adam: unknown argument\\(s\\) \\['clip_norm'\\]"):
         gradtx.adam(0.01, clip_norm=1.0)
