@@ -2,7 +2,8 @@
 
 What is saved, after each finished chunk: the whole carry (params, optimizer state, early-stopping and
 plateau state, the last evaluation), the history so far, the number of periods done, and a fingerprint
-of the call (steps, chunks, options, the configurations, a digest of the initial params and of the
+of the call (steps, chunks, options, the functions by name and bytecode, the configurations, digests
+of the initial params, of the initial optimizer states (their types and hyperparameters) and of the
 data). The data position needs no saving: the batch of step ``i`` is a function of the key and ``i``.
 
 Two formats, chosen by where the carry lives:
@@ -34,6 +35,15 @@ import numpy as np
 _PREFIX = "checkpoint-"  # checkpoint-00000012.npz: 12 periods done
 
 
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _host(x: Any) -> np.ndarray:
+    """A host copy; a typed PRNG key (``jax.random.key``, Flax NNX's ``Rngs``) as its raw key data."""
+    return np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+
+
 def digest(tree: Any) -> str:
     """A short hash of the values, shapes and dtypes of a pytree of arrays (host copies)."""
     h = hashlib.blake2b(digest_size=12)
@@ -42,7 +52,7 @@ def digest(tree: Any) -> str:
             from jax.experimental import multihost_utils  # every process computes the digest
 
             leaf = multihost_utils.process_allgather(leaf, tiled=True)
-        a = np.asarray(leaf)
+        a = _host(leaf)
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     h.update(str(jax.tree.structure(tree)).encode())
@@ -53,7 +63,10 @@ def _placed_like(value: np.ndarray, like: Any) -> jax.Array:
     """``value`` as an array placed like ``like``: with its sharding when ``like`` is committed to
     devices, else uncommitted (as a fresh carry is), so that a resumed run finds the compiled chunks of
     a fresh one instead of compiling them again."""
-    value = value.view(np.dtype(like.dtype))
+    if _is_key(like):
+        value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
+    else:
+        value = value.view(np.dtype(like.dtype))
     if isinstance(like, jax.Array) and like.committed:
         return jax.device_put(value, like.sharding)
     return jax.numpy.asarray(value)
@@ -68,7 +81,11 @@ class Checkpoints:
     JSON values that identifies the call)."""
 
     def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any]):
+        if not os.fspath(directory):
+            raise ValueError("checkpoint_dir must name a directory, got ''")
         self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ValueError(f"checkpoint_dir {self.directory} is a file, not a directory")
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back
         self._orbax = None
 
@@ -112,16 +129,37 @@ class Checkpoints:
             os.remove(stale)  # a save cut short by a kill: never committed
         files = self._files()
         if files:
-            with np.load(files[-1]) as saved:
-                meta = json.loads(str(saved["meta"]))
-                self._check(meta["fingerprint"])
-                leaves, treedef = jax.tree.flatten(carry_like)
-                if meta["carry_leaves"] != len(leaves):
+            try:
+                with np.load(files[-1]) as saved:
+                    meta = json.loads(str(saved["meta"]))
+                    arrays = {name: saved[name] for name in saved.files if name != "meta"}
+            except Exception as error:  # a zip, CRC or EOF error: the file was damaged after its commit
+                raise ValueError(
+                    f"checkpoint_dir {self.directory}: {os.path.basename(files[-1])} cannot be read "
+                    f"({type(error).__name__}: {error}); delete it to start again"
+                ) from None
+            self._check(meta["fingerprint"])
+            leaves, treedef = jax.tree.flatten(carry_like)
+            saved_leaves = [arrays[f"c{i:05d}"] for i in range(meta["carry_leaves"])]
+            for i, (value, like) in enumerate(zip(saved_leaves, leaves, strict=False)):
+                width = np.dtype(np.uint32 if _is_key(like) else like.dtype).itemsize
+                shape = (
+                    (*like.shape, *jax.random.key_data(like).shape[like.ndim :])
+                    if _is_key(like)
+                    else like.shape
+                )
+                if value.shape != shape or value.dtype.itemsize != width:
                     raise ValueError(
-                        f"checkpoint_dir {self.directory}: the saved state has another structure"
+                        f"checkpoint_dir {self.directory}: the saved state's leaf {i} is {value.dtype}"
+                        f"{list(value.shape)} where this run has {like.dtype}{list(like.shape)}"
                     )
-                carry = [_placed_like(saved[f"c{i:05d}"], like) for i, like in enumerate(leaves)]
-                history = {name: saved[f"h{i:05d}"] for i, name in enumerate(meta["history"])}
+            if len(saved_leaves) != len(leaves):
+                raise ValueError(
+                    f"checkpoint_dir {self.directory}: the saved state has {len(saved_leaves)} arrays where "
+                    f"this run has {len(leaves)}"
+                )
+            carry = [_placed_like(value, like) for value, like in zip(saved_leaves, leaves, strict=True)]
+            history = {name: arrays[f"h{i:05d}"] for i, name in enumerate(meta["history"])}
             return treedef.unflatten(carry), history, int(meta["periods_done"])
         if not os.path.isdir(os.path.join(self.directory, "orbax")):
             return None
@@ -159,7 +197,7 @@ class Checkpoints:
             manager.wait_until_finished()
             return
         os.makedirs(self.directory, exist_ok=True)
-        arrays = {f"c{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(carry))}
+        arrays = {f"c{i:05d}": _host(x) for i, x in enumerate(jax.tree.leaves(carry))}
         arrays |= {f"h{i:05d}": np.asarray(x) for i, x in enumerate(history.values())}
         final = os.path.join(self.directory, f"{_PREFIX}{periods_done:08d}.npz")
         partial = os.path.join(self.directory, f".partial-{os.getpid()}-{periods_done:08d}.npz")

@@ -382,7 +382,7 @@ def _search(
         }
         checkpoints = Checkpoints(
             checkpoint_dir,
-            fingerprint(owner, p, (m.configs,), (m.params,), arrays, data_key, 0, (None,)) | settings,
+            fingerprint(owner, p, (m.configs,), (m.params,), arrays, data_key, 0, state) | settings,
         )
     args = (rule, m.configs, m.params, data_key, arrays)
     try:

@@ -362,7 +362,7 @@ def train_members(
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = Checkpoints(
-            checkpoint_dir, fingerprint(owner, p, configs, params, arrays, key, 0, none)
+            checkpoint_dir, fingerprint(owner, p, configs, params, arrays, key, 0, carry)
         )
     try:
         carry, outputs = run_plan(p, carry, configs, key, arrays, 0, progress, checkpoints)

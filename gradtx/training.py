@@ -7,9 +7,12 @@ between them, resumption from the last one), the histories, and `fit`.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 import operator
 import time
+import types
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -282,6 +285,28 @@ def histories(p: Plan, carry: tuple, outputs: list, first_step: int) -> list[His
     return result
 
 
+def function_id(f: Any) -> str:
+    """A function's name and a digest of its bytecode and constants (nested functions included), the
+    same in every process: an edited loss function or another lambda is not the saved run's."""
+    f = inspect.unwrap(getattr(f, "func", f))  # functools.partial, jax.jit and decorated functions
+    name = getattr(f, "__qualname__", type(f).__name__)
+    code = getattr(f, "__code__", None) or getattr(type(f).__call__, "__code__", None)  # a callable object
+    if code is None:
+        return name
+    h = hashlib.blake2b(digest_size=6)
+
+    def feed(c: types.CodeType) -> None:
+        h.update(c.co_code)
+        for const in c.co_consts:
+            if isinstance(const, types.CodeType):  # its repr holds a memory address
+                feed(const)
+            else:
+                h.update(repr(const).encode())
+
+    feed(code)
+    return f"{name}:{h.hexdigest()}"
+
+
 def fingerprint(
     owner: str,
     p: Plan,
@@ -290,10 +315,11 @@ def fingerprint(
     arrays: Any,
     key: jax.Array,
     first_step: int,
-    opt_states: tuple,
+    carry: Any,
 ) -> dict:
-    """What identifies a training call across processes (functions by name, arrays by digest)."""
-    name = lambda f: getattr(f, "__qualname__", type(f).__name__)  # noqa: E731
+    """What identifies a training call across processes: functions by name and bytecode, arrays (the
+    initial carry: params, optimizer states with their hyperparameters, configurations) by digest."""
+    name = function_id
     # A population step given as a NamedTuple of settings (PBT's) is named by its values.
     settings = lambda f: repr(f) if isinstance(f, tuple) else name(f)  # noqa: E731
     loop = p.loop
@@ -312,7 +338,7 @@ def fingerprint(
         "families": [[f.batched, f.group_size] for f in p.families],
         "configs": digest([c for c in configs if c is not None]),
         "params": digest(params),
-        "opt_state": digest([s for s in opt_states if s is not None]),
+        "optimizer": digest(carry),  # the state's types, hyperparameters and values
         "data_arrays": digest(arrays),
         "key": digest(key),
     }
@@ -379,7 +405,7 @@ def fit(
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = Checkpoints(
-            checkpoint_dir, fingerprint("fit", p, (None,), params, arrays, key, initial_step, (opt_state,))
+            checkpoint_dir, fingerprint("fit", p, (None,), params, arrays, key, initial_step, carry)
         )
     try:
         carry, outputs = run_plan(p, carry, (None,), key, arrays, initial_step, progress, checkpoints)

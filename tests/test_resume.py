@@ -83,8 +83,8 @@ def test_a_run_killed_mid_chunk_resumes_bit_identical(mode, tmp_path):
     assert outcome.returncode == -signal.SIGKILL and "finished" not in outcome.stdout
     saved = committed(directory)
     assert len(saved) == 1 and saved[0] < worker.STEPS // worker.EVERY  # killed before the end
-    assert not list(directory.glob("*.npz.tmp"))
     resumed = worker.run(mode, str(directory))
+    assert not list(directory.glob(".partial-*"))  # a save the kill cut short is removed, never read
     assert_identical(resumed, worker.run(mode, None))
 
 
@@ -97,19 +97,13 @@ def test_ctrl_c_leaves_the_last_checkpoint_intact(tmp_path):
     assert_identical(worker.run("fit", str(directory)), worker.run("fit", None))
 
 
-def test_a_finished_run_returns_the_saved_result_without_training(tmp_path):
+def test_a_finished_run_returns_the_saved_result_without_training(tmp_path, monkeypatch):
     first = gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
-    traces = []
-
-    def loss_fn_again(p, batch):  # another function of the same name: the fingerprint matches
-        traces.append(1)
-        return loss_fn(p, batch)
-
-    loss_fn_again.__qualname__ = loss_fn.__qualname__
-    again = gradtx.fit(
-        loss_fn_again, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path
-    )
-    assert traces == []  # no chunk was traced, so none ran
+    chunks_run = []
+    run_chunk = gradtx.training.run_chunk
+    monkeypatch.setattr(gradtx.training, "run_chunk", lambda *a: chunks_run.append(1) or run_chunk(*a))
+    again = gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+    assert chunks_run == []  # no chunk ran
     assert_identical(again, first)
 
 
@@ -120,6 +114,72 @@ def test_a_checkpoint_of_other_arguments_is_not_resumed(tmp_path):
     other = jax.tree.map(lambda p: p + 1.0, PARAMS)
     with pytest.raises(ValueError, match="params: saved"):
         gradtx.fit(loss_fn, other, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "tx, loss, message",
+    [
+        (gradtx.adamax(0.01), loss_fn, "optimizer: saved"),  # another optimizer of the same shapes
+        (gradtx.adam(0.02), loss_fn, "optimizer: saved"),  # another learning rate
+        (
+            gradtx.adam(0.01),
+            lambda p, batch: 2.0 * loss_fn(p, batch),
+            "loss_fn: saved 'loss_fn:.*now '<lambda>",
+        ),
+    ],
+)
+def test_a_checkpoint_of_another_optimizer_or_loss_is_not_resumed(tmp_path, tx, loss, message):
+    # Before, only names and shapes were compared: adamax resumed Adam's moments, a lambda any lambda.
+    gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=message):
+        gradtx.fit(loss, PARAMS, tx, (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+
+
+def test_typed_prng_keys_in_the_params_and_the_data_key_are_checkpointed(tmp_path):
+    # Flax NNX states hold typed keys (nnx.Rngs); they are saved as their key data and restored typed.
+    params = {**PARAMS, "rng": jax.random.key(3)}
+    first = gradtx.fit(
+        loss_fn,
+        params,
+        gradtx.adam(0.01),
+        (X, Y),
+        STEPS,
+        chunks=3,
+        key=jax.random.key(0),
+        checkpoint_dir=tmp_path,
+    )
+    again = gradtx.fit(
+        loss_fn,
+        params,
+        gradtx.adam(0.01),
+        (X, Y),
+        STEPS,
+        chunks=3,
+        key=jax.random.key(0),
+        checkpoint_dir=tmp_path,
+    )
+    assert jax.dtypes.issubdtype(again.params["rng"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(
+        jax.random.key_data(again.params["rng"]), jax.random.key_data(params["rng"])
+    )
+    np.testing.assert_array_equal(again.params["w"], first.params["w"])
+
+
+def test_a_checkpoint_dir_that_is_a_file_or_empty_fails_before_training(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("")
+    with pytest.raises(ValueError, match="checkpoint_dir .*a_file is a file, not a directory"):
+        gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, checkpoint_dir=str(path))
+    with pytest.raises(ValueError, match="checkpoint_dir must name a directory, got ''"):
+        gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, checkpoint_dir="")
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+    (saved,) = tmp_path.glob("checkpoint-*.npz")
+    saved.write_bytes(saved.read_bytes()[:100])  # truncated after its commit (a disk fault)
+    with pytest.raises(ValueError, match=f"{saved.name} cannot be read .*delete it to start again"):
+        gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
 
 
 def test_fit_continues_from_an_optimizer_state():
