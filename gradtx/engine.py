@@ -64,9 +64,14 @@ class EarlyStopping(NamedTuple):
             raise ValueError(f"early_stopping: patience must be an int >= 0, got {self.patience!r}")
         if self.patience < 0:
             raise ValueError(f"early_stopping: patience must be >= 0, got {self.patience}")
-        if (
-            not (isinstance(self.min_delta, int | float) and math.isfinite(self.min_delta))
-            or self.min_delta < 0
+        if not isinstance(self.metric, str):
+            raise ValueError(f"early_stopping: metric must name a metric of eval_fn, got {self.metric!r}")
+        if not isinstance(self.restore_best_weights, bool):
+            value = self.restore_best_weights
+            raise ValueError(f"early_stopping: restore_best_weights must be True or False, got {value!r}")
+        number = isinstance(self.min_delta, int | float | np.integer | np.floating)
+        if not (number and not isinstance(self.min_delta, bool) and math.isfinite(self.min_delta)) or (
+            self.min_delta < 0
         ):
             raise ValueError(
                 f"early_stopping: min_delta must be a finite number >= 0, got {self.min_delta!r}"

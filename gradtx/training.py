@@ -93,6 +93,11 @@ def plan(
             raise ValueError(f"{owner}: eval_every must divide steps={steps}, got eval_every={period}")
     else:
         period = math.gcd(steps, max(1, -(-steps // chunks)))
+    if chunks > steps // period:  # a chunk ends only where an evaluation does
+        raise ValueError(
+            f"{owner}: chunks={chunks} needs at least {chunks} evaluations, got {steps // period} "
+            f"(steps={steps}, eval_every={period}); give eval_every <= {steps // chunks} dividing steps"
+        )
     if early_stopping is not None:
         if not isinstance(early_stopping, EarlyStopping):
             raise ValueError(
@@ -333,7 +338,9 @@ def fingerprint(
         "eval_fn": None if loop.eval_fn is None else name(loop.eval_fn),
         "population": None if loop.population is None else settings(loop.population),
         "plateau_metric": loop.plateau_metric,
-        "early_stopping": None if loop.early_stopping is None else list(loop.early_stopping),
+        "early_stopping": None
+        if loop.early_stopping is None
+        else [v.item() if isinstance(v, np.generic) else v for v in loop.early_stopping],
         "data": repr(loop.source) if not callable(getattr(loop.source, "fn", None)) else name(loop.source.fn),
         "families": [[f.batched, f.group_size] for f in p.families],
         "configs": digest([c for c in configs if c is not None]),
@@ -391,15 +398,29 @@ def fit(
     again (``jax.jit``'s cache); as with `jax.jit`, what those functions read from Python globals is
     fixed when they are first traced.
     """
+    if isinstance(tx, type) or not (
+        callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))
+    ):
+        raise ValueError(
+            f"fit: tx must be an optimizer (init, update), got {tx!r}; call a factory first "
+            "(gradtx.adam(1e-3)), or sweep its arguments with gradtx.sweep"
+        )
     family = Family(tx)
     p, arrays = plan(
         "fit", loss_fn, data, steps, eval_fn, eval_every, plateau_metric, early_stopping, chunks, (family,)
     )
+    if opt_state is not None:
+        _check_opt_state(tx, params, opt_state)
     if initial_step is None:
         initial_step = int(_step_of(opt_state)) if opt_state is not None else 0
-    elif isinstance(initial_step, bool) or operator.index(initial_step) < 0:
+    try:
+        initial_step = operator.index(initial_step)
+    except TypeError:
+        raise ValueError(f"fit: initial_step must be an int >= 0, got {initial_step!r}") from None
+    if isinstance(initial_step, bool) or initial_step < 0:
         raise ValueError(f"fit: initial_step must be an int >= 0, got {initial_step!r}")
-    initial_step = int(initial_step)
+    if initial_step + p.steps > np.iinfo(np.int32).max:  # the step counters are int32
+        raise ValueError(f"fit: initial_step + steps must be < 2**31, got {initial_step} + {p.steps}")
     key = jax.random.PRNGKey(0) if key is None else key
     carry = initial_runs("fit", p, (None,), (params,), (opt_state,), (None,))
     checkpoints = None
@@ -415,6 +436,21 @@ def fit(
     (history,) = histories(p, carry, outputs, initial_step)
     (run,) = carry
     return TrainResult(_final_params(p.loop, run), run.opt_state, history)
+
+
+def _check_opt_state(tx: Transformation, params: Params, opt_state: State) -> None:
+    """``opt_state`` must be a state of ``tx`` for these params: its structure, shapes and dtypes."""
+    expected = jax.eval_shape(tx.init, params)
+    same = jax.tree.structure(expected) == jax.tree.structure(opt_state)
+    if same:
+        pairs = zip(jax.tree.leaves(expected), jax.tree.leaves(opt_state), strict=True)
+        same = all(e.shape == jnp.shape(s) and e.dtype == jnp.result_type(s) for e, s in pairs)
+    if not same:
+        raise ValueError(
+            "fit: opt_state is not a state of this optimizer for these params (its structure, shapes or "
+            f"dtypes differ from tx.init(params)): got {type(opt_state).__name__}, expected "
+            f"{type(expected).__name__}; pass the opt_state of a run of the same optimizer (not a sweep's)"
+        )
 
 
 def _step_of(opt_state: State) -> jax.Array:

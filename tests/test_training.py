@@ -304,6 +304,16 @@ def test_fit_trains_a_flax_nnx_model_state():
     assert result.history.loss[-1] < 0.1 * result.history.loss[0]
 
 
+def test_a_numpy_min_delta_is_a_number():
+    # np.float32(0.01) was refused as "not a finite number"; it must act as 0.01 does.
+    stop = dict(eval_fn=valid, eval_every=10)
+    a = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.1), (X, Y), STEPS, early_stopping=gradtx.EarlyStopping(
+        "valid_loss", patience=1, min_delta=np.float32(0.01)), **stop)  # fmt: skip
+    b = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.1), (X, Y), STEPS, early_stopping=gradtx.EarlyStopping(
+        "valid_loss", patience=1, min_delta=float(np.float32(0.01))), **stop)  # fmt: skip
+    np.testing.assert_array_equal(a.history.loss, b.history.loss)
+
+
 def test_optax_transformations_run_in_fit():
     result = gradtx.fit(
         loss_fn, PARAMS, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.01)), (X, Y), 20
@@ -339,6 +349,28 @@ def test_optax_transformations_run_in_fit():
         (
             dict(eval_fn=valid, eval_every=10, plateau_metric="valid_loss"),
             "plateau_metric='valid_loss' is given but no optimizer has a gradtx.reduce_on_plateau",
+        ),
+        # chunks end at evaluations: with one evaluation, chunks=4 gave one chunk (no checkpoint, no report)
+        (dict(eval_fn=valid, chunks=4), "chunks=4 needs at least 4 evaluations, got 1 .*eval_every <= 15"),
+        (dict(eval_fn=valid, eval_every=20, chunks=4), "chunks=4 needs at least 4 evaluations, got 3"),
+        (
+            dict(eval_fn=valid, early_stopping=gradtx.EarlyStopping("valid_loss", restore_best_weights="no")),
+            "restore_best_weights must be True or False, got 'no'",
+        ),
+        (
+            dict(eval_fn=valid, early_stopping=gradtx.EarlyStopping(None)),
+            "early_stopping: metric must name a metric of eval_fn, got None",
+        ),
+        (dict(tx=gradtx.adam), "fit: tx must be an optimizer \\(init, update\\), got <function adam"),
+        (dict(initial_step=2.5), "fit: initial_step must be an int >= 0, got 2.5"),
+        (dict(initial_step="3"), "fit: initial_step must be an int >= 0, got '3'"),
+        (
+            dict(initial_step=2**31 - 5),
+            "fit: initial_step \\+ steps must be < 2\\*\\*31, got 2147483643 \\+ 60",
+        ),
+        (
+            dict(tx=gradtx.sgd(0.1), opt_state=gradtx.adam(0.1).init(PARAMS)),
+            "fit: opt_state is not a state of this optimizer .*got ChainState",
         ),
     ],
 )
