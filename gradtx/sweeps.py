@@ -195,6 +195,7 @@ class _Member(NamedTuple):
     params: Params
     sharding: NamedSharding | None
     table: dict[str, np.ndarray] | None  # the configurations as given (no padding)
+    seeded: bool = False  # params is a function of the seed's key
 
 
 def _member(
@@ -225,7 +226,7 @@ def _member(
     if sharding is not None:
         arrays, stacked = jax.device_put((arrays, stacked), sharding)
     group = None if group_size is None or group_size >= k else int(group_size)
-    return _Member(Family(build, True, group), arrays, stacked, sharding, table)
+    return _Member(Family(build, True, group), arrays, stacked, sharding, table, callable(params))
 
 
 def _plain(make: Transformation, params: ParamsOrInit) -> _Member:
@@ -354,6 +355,13 @@ def train_members(
         families,
         population,
     )
+    for m in members:
+        if m.table is not None and "seed" in m.table and not m.seeded and not p.loop.source.per_seed:
+            raise ValueError(
+                f"{owner}: the configurations' seed field would change nothing: params is a pytree (give a "
+                "function key -> params to initialize each seed differently) and the data does not shuffle "
+                "per seed (gradtx.shuffled_batches(..., per_seed=True))"
+            )
     key = jax.random.PRNGKey(0) if key is None else key
     configs = tuple(m.configs for m in members)
     params = tuple(m.params for m in members)

@@ -299,6 +299,8 @@ def test_a_population_step_sees_every_configuration_between_periods():
         ({"learning_rate": [0.1, 0.2], "momentum": [0.9]}, "one value per configuration"),
         ([{"learning_rate": 0.1}, {"momentum": 0.5}], "the same fields"),
         ({"learning_rate": [0.1, -0.2]}, "learning_rate must be >= 0, got -0.2"),
+        # params given as a pytree and data not shuffled per seed: the seeds' runs were identical
+        ({"learning_rate": [0.1, 0.1], "seed": [0, 1]}, "sweep: the configurations' seed field would change"),
     ],
 )
 def test_bad_sweeps_fail_before_compiling(configs, message):
@@ -365,13 +367,16 @@ def test_per_seed_shuffling_gives_each_seed_its_own_data_order(group_size):
 
 
 def test_without_per_seed_every_seed_sees_the_same_batches():
+    # The seed then only initializes the params: each run is its own init trained on the shared order.
     examples = (X.reshape(-1, 5), Y.reshape(-1, 3))
     source = gradtx.shuffled_batches(examples, 16)
     configs = {"learning_rate": [0.05] * 2, "seed": [0, 1]}
     result = gradtx.sweep(
-        loss_fn, PARAMS, lambda learning_rate: gradtx.sgd(learning_rate), configs, source, STEPS
+        loss_fn, init, lambda learning_rate: gradtx.sgd(learning_rate), configs, source, STEPS
     )
-    np.testing.assert_array_equal(result.history.loss[0], result.history.loss[1])
+    for seed in (0, 1):
+        alone = gradtx.fit(loss_fn, init(jax.random.PRNGKey(seed)), gradtx.sgd(0.05), source, STEPS)
+        np.testing.assert_allclose(result.history.loss[seed], alone.history.loss, rtol=1e-5)
 
 
 def test_compare_needs_a_family():
