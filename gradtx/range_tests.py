@@ -57,7 +57,9 @@ def lr_range_test(
 
     Rule for the suggestion: smooth the loss (bias-corrected moving average, 0.98), find the rate where
     it is lowest (just before it shoots up), and suggest a rate 10 times lower, as the course advises.
-    Losses after the smoothed loss exceeds 4 times its minimum are reported as ``nan`` (diverged).
+    Losses after the smoothed loss rises above its minimum ``m`` by more than ``3 |m|`` (4 times ``m``
+    for a positive loss; a negative loss, e.g. a log-likelihood bound, rises by its own size) are
+    reported as ``nan`` (diverged).
     """
     if not 0 < min_lr < max_lr:
         raise ValueError(f"lr_range_test: needs 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
@@ -76,7 +78,8 @@ def lr_range_test(
             "or the data give NaN/inf before the rate matters; check them, or lower min_lr"
         )
     lowest = int(np.nanargmin(np.where(finite, smoothed, np.inf)))
-    diverged = np.flatnonzero(~finite | ((np.arange(steps) > lowest) & (smoothed > 4 * smoothed[lowest])))
+    m = smoothed[lowest]
+    diverged = np.flatnonzero(~finite | ((np.arange(steps) > lowest) & (smoothed - m > 3 * abs(m))))
     if diverged.size:
         losses[diverged[0] :] = smoothed[diverged[0] :] = np.nan
     return RangeTest(rates, losses, smoothed, float(rates[lowest] / 10))

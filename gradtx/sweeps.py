@@ -476,9 +476,14 @@ def compare(
     for name, family in families.items():
         if isinstance(family, Transformation) or (hasattr(family, "init") and hasattr(family, "update")):
             members.append(_plain(family, params))
-        else:
+        elif isinstance(family, tuple | list) and len(family) == 2:
             make_tx, configs = family
             members.append(_member(f"compare[{name!r}]", make_tx, configs, params, sharding, group_size))
+        else:
+            raise ValueError(
+                f"compare: family {name!r} must be an optimizer (e.g. gradtx.adam(1e-3)) or a pair (make_tx, "
+                f"configs) to sweep, got {family!r}"
+            )
     results = train_members(
         "compare", members, loss_fn, data, steps, key=key, eval_fn=eval_fn, eval_every=eval_every,
         plateau_metric=plateau_metric, early_stopping=early_stopping, chunks=chunks, progress=progress,

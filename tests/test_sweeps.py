@@ -205,6 +205,24 @@ def test_range_test_rates_grow_exponentially_and_the_suggestion_is_below_diverge
     assert 1e-3 < result.suggestion < 2 / A
 
 
+def test_range_test_keeps_a_negative_loss_until_it_shoots_up():
+    # The same quadratic shifted by -100 (a loss that is negative, as a log-likelihood bound can be):
+    # "4 times the minimum" would mark every step after the minimum as diverged; the cut must come where
+    # the loss rises by more than its own size, and only after the rate passed 2/a as above.
+    def shifted(params, batch):
+        return quadratic(params, batch) - 100.0
+
+    result = gradtx.lr_range_test(
+        shifted, QUAD_PARAMS, gradtx.sgd, NO_DATA, steps=200, min_lr=1e-4, max_lr=10.0
+    )
+    lowest = int(np.nanargmin(result.smoothed))
+    cut = np.flatnonzero(np.isnan(result.losses))
+    assert cut.size and result.rates[cut[0]] > 2 / A
+    assert cut[0] > lowest + 1 and np.isfinite(result.smoothed[: cut[0]]).all()
+    m = result.smoothed[lowest]
+    assert (result.smoothed[lowest : cut[0]] - m <= 3 * abs(m)).all()
+
+
 def test_parallel_range_test_finds_the_fastest_constant_rate():
     rates = np.array([0.01, 0.05, 0.1, 0.15, 0.24, 0.3, 0.45, 0.6])  # 1/a = 0.25: 0.24 contracts most
     result = gradtx.lr_range_sweep(quadratic, QUAD_PARAMS, gradtx.sgd, NO_DATA, steps=10, rates=rates)
@@ -382,6 +400,13 @@ def test_without_per_seed_every_seed_sees_the_same_batches():
 def test_compare_needs_a_family():
     with pytest.raises(ValueError, match="families must be a non-empty dict"):
         gradtx.compare(loss_fn, PARAMS, {}, (X, Y), STEPS)
+
+
+@pytest.mark.parametrize("family", [gradtx.adam, (gradtx.adam,)], ids=["factory", "one-tuple"])
+def test_compare_names_a_family_that_is_neither_an_optimizer_nor_a_pair(family):
+    # A factory where an optimizer belongs raised "cannot unpack non-iterable function object".
+    with pytest.raises(ValueError, match="compare: family 'adam' must be an optimizer .* or a pair"):
+        gradtx.compare(loss_fn, PARAMS, {"adam": family}, (X, Y), STEPS)
 
 
 @pytest.mark.parametrize("group_size", [1, 2, 5])
