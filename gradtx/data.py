@@ -47,6 +47,9 @@ class FromFunction(NamedTuple):
         return self.fn(step, jax.random.fold_in(key, step))
 
 
+_MAX_TABLE = 1 << 22  # entries (int32) of a chunk's table of permutations: 16 MB
+
+
 class Shuffled(NamedTuple):
     """Minibatches reshuffled every epoch (see `ShuffledBatches`)."""
 
@@ -55,24 +58,32 @@ class Shuffled(NamedTuple):
 
     def tables(self, first_step, num_steps: int, key, arrays, seeds=None):
         """The permutations of the epochs the chunk spans, drawn once: ``(orders, first_epoch)`` with
-        ``orders`` of shape (epochs, n), or (k, epochs, n) with one key per seed (``fold_in(key, seed)``)."""
+        ``orders`` of shape (epochs, n), or (k, epochs, n) with one key per seed (``fold_in(key, seed)``).
+        When that table would be large (few batches per epoch over a long chunk: full-batch training
+        held one permutation per step), ``(keys, None)`` instead: `batch` then draws its epoch's
+        permutation at each step, the same one the table would hold."""
         n = jax.tree.leaves(arrays)[0].shape[0]
         per_epoch = n // self.batch_size
         first_epoch = first_step // per_epoch
-        epochs = first_epoch + jnp.arange(num_steps // per_epoch + 2)  # covers the chunk's steps
+        count = num_steps // per_epoch + 2  # the epochs the chunk's steps span
+        keys = key if seeds is None else jax.vmap(lambda seed: jax.random.fold_in(key, seed))(seeds)
+        if count * n > _MAX_TABLE:
+            return keys, None
+        epochs = first_epoch + jnp.arange(count)
 
         def orders(key):
             return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(epochs)
 
-        if seeds is None:
-            return orders(key), first_epoch
-        return jax.vmap(lambda seed: orders(jax.random.fold_in(key, seed)))(seeds), first_epoch
+        return (orders(keys) if seeds is None else jax.vmap(orders)(keys)), first_epoch
 
     def batch(self, table, arrays, step):
         orders, first_epoch = table
         n = jax.tree.leaves(arrays)[0].shape[0]
         per_epoch = n // self.batch_size
-        order = orders[step // per_epoch - first_epoch]
+        if first_epoch is None:  # no table: ``orders`` is the key
+            order = jax.random.permutation(jax.random.fold_in(orders, step // per_epoch), n)
+        else:
+            order = orders[step // per_epoch - first_epoch]
         index = jax.lax.dynamic_slice_in_dim(order, (step % per_epoch) * self.batch_size, self.batch_size)
         return jax.tree.map(lambda x: x[index], arrays)
 

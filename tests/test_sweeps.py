@@ -509,3 +509,26 @@ def test_the_training_functions_share_one_argument_order():
     assert first(gradtx.lr_range_sweep, 3) == ["loss_fn", "params", "make_tx"]
     with pytest.raises(ValueError, match=r"the order is \(loss_fn, params, make_tx, configs, data, steps\)"):
         gradtx.sweep(gradtx.adam, {"learning_rate": [0.1]}, loss_fn, PARAMS, (X, Y), STEPS)  # the old order
+
+
+def test_without_a_table_of_permutations_the_batches_are_the_same(monkeypatch):
+    # Few batches per epoch over a long chunk made the table of permutations huge (full-batch training:
+    # one permutation of the data per step, 7.6 GB for 20,000 examples and steps). Past a size the
+    # permutation is drawn at each step instead: the same batches, per seed too, in a sweep and in fit.
+    examples = (X.reshape(-1, 5), Y.reshape(-1, 3))
+    source = gradtx.shuffled_batches(examples, 320, per_seed=True)  # 3 batches per epoch
+    configs = {"learning_rate": [0.05] * 2, "seed": [0, 1]}
+    make = lambda learning_rate: gradtx.sgd(learning_rate)  # noqa: E731
+
+    def both():
+        swept = gradtx.sweep(loss_fn, PARAMS, make, configs, source, STEPS, chunks=2)
+        alone = gradtx.fit(loss_fn, PARAMS, gradtx.sgd(0.05), gradtx.shuffled_batches(examples, 320), STEPS)
+        return swept.history.loss, alone.history.loss
+
+    with_table = both()
+    monkeypatch.setattr(gradtx.data, "_MAX_TABLE", 0)
+    jax.clear_caches()  # the chunks compiled with a table would be reused
+    without = both()
+    np.testing.assert_array_equal(without[0], with_table[0])
+    np.testing.assert_array_equal(without[1], with_table[1])
+    assert not np.array_equal(with_table[0][0], with_table[0][1])  # the seeds' orders differ
