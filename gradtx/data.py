@@ -95,8 +95,10 @@ class ShuffledBatches:
     ``per_epoch`` (the number of batches per epoch) is the ``eval_every`` of once-per-epoch evaluation.
 
     Each compiled chunk draws the permutations of the epochs it spans once, before its steps, because
-    a permutation per step would cost more than the step itself on small models. The data order is a
-    function of the key and the step only, so a resumed run sees the batches it would have seen.
+    a permutation per step would cost more than the step itself on small models (unless that table
+    would pass 4M entries: with few batches per epoch each step draws its epoch's permutation). The
+    data order is a function of the key and the step only, so a resumed run sees the batches it would
+    have seen.
 
     In a sweep every configuration sees the same batches (one gather serves them all), unless
     ``per_seed``: then a configuration with a ``seed`` field shuffles with ``fold_in(key, seed)``, as
@@ -104,12 +106,21 @@ class ShuffledBatches:
     """
 
     def __init__(self, data: Any, batch_size: int, per_seed: bool = False):
-        sizes = {np.shape(x)[0] if np.ndim(x) else 0 for x in jax.tree.leaves(data)}
+        leaves = jax.tree.leaves(data)
+        if not leaves:
+            raise ValueError(
+                f"shuffled_batches: data must hold arrays of examples (along axis 0), got {data!r}"
+            )
+        if any(np.ndim(x) == 0 for x in leaves):
+            raise ValueError("shuffled_batches: data holds a scalar, not an array of examples (along axis 0)")
+        sizes = {np.shape(x)[0] for x in leaves}
         if len(sizes) != 1:
             raise ValueError(
                 f"shuffled_batches: the arrays hold different numbers of examples: {sorted(sizes)}"
             )
         (self.n,) = sizes
+        if self.n == 0:
+            raise ValueError("shuffled_batches: the arrays hold no examples")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
             raise ValueError(f"shuffled_batches: batch_size must be an int, got {batch_size!r}")
         if not 0 < batch_size <= self.n:

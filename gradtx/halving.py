@@ -44,7 +44,7 @@ from gradtx.engine import EvalFn, Family, Loop, LossFn, Run, new_run, run_chunk
 from gradtx.search import Clock, SearchResult, check_mode, draw, metric_name, split_key
 from gradtx.spaces import Space
 from gradtx.sweeps import ParamsOrInit, member
-from gradtx.training import check_plateau, fingerprint, metric_shapes, plan, positive_int
+from gradtx.training import check_plateau, check_progress, fingerprint, metric_shapes, plan, positive_int
 
 
 class Rung(NamedTuple):
@@ -347,6 +347,7 @@ def _search(
     progress: bool | Callable[[int, int], None],
 ) -> SearchResult:
     clock = Clock()
+    check_progress(owner, progress)
     sign = check_mode(owner, mode)
     if rung_metric not in _STATISTICS:
         raise ValueError(f"{owner}: rung_metric must be 'current', 'best' or 'ema', got {rung_metric!r}")

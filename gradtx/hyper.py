@@ -319,6 +319,8 @@ def set_hyperparams(state: Any, where: str | None = None, **values: Any) -> Any:
     ``ValueError`` also for a name the state does not have, for a scheduled hyperparameter, for a value
     outside the node's range, and for a value whose shape is neither scalar nor the state's.
     """
+    if not values:
+        raise ValueError("set_hyperparams: no values given (set_hyperparams(state, learning_rate=0.01))")
     entries = [e for e in _locate(state) if _matches(e, where)]
     if where is not None and not entries:
         raise ValueError(

@@ -37,7 +37,7 @@ from gradtx.engine import (
     StepOutputs,
     TrainResult,
 )
-from gradtx.training import fingerprint, histories, initial_runs, plan, run_plan
+from gradtx.training import check_progress, fingerprint, histories, initial_runs, plan, run_plan
 
 Configs = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
 ParamsOrInit = Params | Callable[[jax.Array], Params]
@@ -355,6 +355,7 @@ def train_members(
         families,
         population,
     )
+    check_progress(owner, progress)
     for m in members:
         if m.table is not None and "seed" in m.table and not m.seeded and not p.loop.source.per_seed:
             raise ValueError(

@@ -45,6 +45,14 @@ from gradtx.plateau import PlateauState
 # --- the driver ------------------------------------------------------------------------------------------
 
 
+def check_progress(owner: str, progress: Any) -> None:
+    """``progress`` is a bool or a function ``(steps_done, steps)``; anything else (a string) is named."""
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise ValueError(
+            f"{owner}: progress must be True, False or a function (steps_done, steps), got {progress!r}"
+        )
+
+
 def positive_int(owner: str, name: str, value: Any) -> int:
     """``value`` as a Python int >= 1 (a Python or NumPy/JAX integer scalar), else a ValueError."""
     if isinstance(value, bool) or isinstance(value, float):
@@ -409,6 +417,7 @@ def fit(
     p, arrays = plan(
         "fit", loss_fn, data, steps, eval_fn, eval_every, plateau_metric, early_stopping, chunks, (family,)
     )
+    check_progress("fit", progress)
     if opt_state is not None:
         _check_opt_state(tx, params, opt_state)
     if initial_step is None:

@@ -99,6 +99,8 @@ def test_set_hyperparams_rejects_unknown_and_invalid_values():
         gradtx.set_hyperparams(state, beta_2=1.0)
     with pytest.raises(ValueError, match="set_hyperparams: learning_rate must be >= 0, got -1.0"):
         gradtx.set_hyperparams(state, learning_rate=jnp.array([0.1, -1.0]))
+    with pytest.raises(ValueError, match="set_hyperparams: no values given"):  # returned the state as it was
+        gradtx.set_hyperparams(state, where="adam")
 
 
 def test_an_ambiguous_unqualified_write_raises_and_lists_the_choices():

@@ -268,6 +268,22 @@ def test_fits_in_threads_share_the_compiled_program_safely():
         np.testing.assert_array_equal(w, gradtx.fit(loss_fn, PARAMS, tx, (X, Y), 4 + k % 3).params["w"])
 
 
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            (X[:0], Y[:0]),
+            "shuffled_batches: the arrays hold no examples",
+        ),  # was "batch_size must be in [1, 0]"
+        ((X, np.float32(1.0)), "data holds a scalar"),  # was "different numbers of examples: [0, 60]"
+        ({}, "data must hold arrays of examples"),  # was "different numbers of examples: []"
+    ],
+)
+def test_shuffled_batches_name_what_is_wrong_with_the_data(data, message):
+    with pytest.raises(ValueError, match=message):
+        gradtx.shuffled_batches(data, 1)
+
+
 def test_shuffled_batches_visit_every_example_once_per_epoch():
     data = (jnp.arange(10.0), jnp.arange(10))
     source = gradtx.shuffled_batches(data, 3)  # 3 batches per epoch, one example left out
@@ -368,6 +384,7 @@ def test_optax_transformations_run_in_fit():
             dict(initial_step=2**31 - 5),
             "fit: initial_step \\+ steps must be < 2\\*\\*31, got 2147483643 \\+ 60",
         ),
+        (dict(progress="no"), "fit: progress must be True, False or a function"),  # showed the bar
         (
             dict(tx=gradtx.sgd(0.1), opt_state=gradtx.adam(0.1).init(PARAMS)),
             "fit: opt_state is not a state of this optimizer .*got ChainState",
