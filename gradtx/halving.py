@@ -44,7 +44,15 @@ from gradtx.engine import EvalFn, Family, Loop, LossFn, Run, new_run, run_chunk
 from gradtx.search import Clock, SearchResult, check_mode, draw, metric_name, split_key
 from gradtx.spaces import Space
 from gradtx.sweeps import ParamsOrInit, member
-from gradtx.training import check_plateau, check_progress, fingerprint, metric_shapes, plan, positive_int
+from gradtx.training import (
+    check_loss,
+    check_plateau,
+    check_progress,
+    fingerprint,
+    metric_shapes,
+    plan,
+    positive_int,
+)
 
 
 class Rung(NamedTuple):
@@ -367,6 +375,7 @@ def _search(
     single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), m.params)
     first = {k: v[0].item() for k, v in padded.items()}
     check_plateau(owner, p.loop, (jax.eval_shape(lambda q: m.family.build(first).init(q), single),))
+    check_loss(owner, p.loop, single, arrays)
     names = tuple(sorted(metric_shapes(owner, p.loop, single)))
     search = _Halving(p.loop, m.family, tuple(rungs), pool, group, trials, metric, sign, names, m.sharding)
     rule = _Rule(jnp.int32(_STATISTICS.index(rung_metric)), jnp.float32(smoothing))

@@ -367,7 +367,7 @@ def train_members(
     configs = tuple(m.configs for m in members)
     params = tuple(m.params for m in members)
     none = (None,) * len(members)
-    carry = initial_runs(owner, p, configs, params, none, tuple(m.sharding for m in members))
+    carry = initial_runs(owner, p, configs, params, none, tuple(m.sharding for m in members), arrays)
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = Checkpoints(

@@ -157,8 +157,32 @@ def _init_run(loop: Loop, family: Family, shapes: tuple, config, params, opt_sta
     return across(family, one, (0, 0, 0))(config, params, opt_state)
 
 
+@partial(jax.jit, static_argnums=0)
+def _first_loss(loop: Loop, params: Params, arrays: Any) -> Any:
+    table = loop.source.tables(jnp.int32(0), 1, jax.random.PRNGKey(0), arrays)
+    return loop.loss_fn(params, loop.source.batch(table, arrays, jnp.int32(0)))
+
+
+def check_loss(owner: str, loop: Loop, single_params: Params, arrays: Any) -> None:
+    """``loss_fn`` on the first batch must give one real number (traced for shapes only, once per
+    loss and shapes: ``jax.jit``'s cache): a vector of per-example losses, a ``(loss, aux)`` pair or an
+    int would fail deep inside ``jax.grad``."""
+    out = jax.eval_shape(partial(_first_loss, loop), single_params, arrays)
+    if not (
+        isinstance(out, jax.ShapeDtypeStruct) and out.shape == () and jnp.issubdtype(out.dtype, jnp.floating)
+    ):
+        got = (
+            f"{out.dtype}{list(out.shape)}"
+            if isinstance(out, jax.ShapeDtypeStruct)
+            else f"a {type(out).__name__} of {len(jax.tree.leaves(out))} arrays"
+        )
+        raise ValueError(
+            f"{owner}: loss_fn(params, batch) must return one float (the mean loss of the batch), got {got}"
+        )
+
+
 def initial_runs(
-    owner: str, p: Plan, configs: tuple, params: tuple, opt_states: tuple, shardings: tuple
+    owner: str, p: Plan, configs: tuple, params: tuple, opt_states: tuple, shardings: tuple, arrays: Any
 ) -> tuple:
     """Each family's first carry: optimizer init (unless a state is given), zeros for the rest."""
     carry = []
@@ -170,6 +194,8 @@ def initial_runs(
             if family.batched
             else prm
         )
+        if not carry:  # one loss for every family
+            check_loss(owner, p.loop, single, arrays)
         shapes = metric_shapes(owner, p.loop, single)
         run = _init_run(p.loop, family, tuple(sorted((k, None) for k in shapes)), config, prm, state)
         if sharding is not None:
@@ -431,7 +457,7 @@ def fit(
     if initial_step + p.steps > np.iinfo(np.int32).max:  # the step counters are int32
         raise ValueError(f"fit: initial_step + steps must be < 2**31, got {initial_step} + {p.steps}")
     key = jax.random.PRNGKey(0) if key is None else key
-    carry = initial_runs("fit", p, (None,), (params,), (opt_state,), (None,))
+    carry = initial_runs("fit", p, (None,), (params,), (opt_state,), (None,), arrays)
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = Checkpoints(

@@ -57,8 +57,10 @@ def test_a_sweep_on_8_devices_equals_the_single_device_sweep():
         from gradtx.training import initial_runs, plan
 
         member = _member("test", make, configs, PARAMS, _config_sharding(jax.devices()))
-        p, _ = plan("test", loss_fn, (X, Y), 60, None, None, None, None, 1, (member.family,))
-        (carry,) = initial_runs("test", p, (member.configs,), (member.params,), (None,), (member.sharding,))
+        p, arrays = plan("test", loss_fn, (X, Y), 60, None, None, None, None, 1, (member.family,))
+        (carry,) = initial_runs(
+            "test", p, (member.configs,), (member.params,), (None,), (member.sharding,), arrays
+        )
         for leaf in jax.tree.leaves(carry):
             assert leaf.shape[0] == 16 and {s.data.shape[0] for s in leaf.addressable_shards} == {2}
         """

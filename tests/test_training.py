@@ -385,6 +385,13 @@ def test_optax_transformations_run_in_fit():
             "fit: initial_step \\+ steps must be < 2\\*\\*31, got 2147483643 \\+ 60",
         ),
         (dict(progress="no"), "fit: progress must be True, False or a function"),  # showed the bar
+        # JAX's "Gradient only defined for scalar-output functions" named neither fit nor loss_fn
+        (
+            dict(loss_fn=lambda p, b: (b[0] @ p["w"] - b[1]) ** 2),
+            "fit: loss_fn.*must return one float.*got float32\\[16, 3\\]",
+        ),
+        (dict(loss_fn=lambda p, b: (loss_fn(p, b), 0.0)), "fit: loss_fn.*got a tuple of 2 arrays"),
+        (dict(loss_fn=lambda p, b: jnp.int32(1)), "fit: loss_fn.*got int32\\[\\]"),
         (
             dict(tx=gradtx.sgd(0.1), opt_state=gradtx.adam(0.1).init(PARAMS)),
             "fit: opt_state is not a state of this optimizer .*got ChainState",
