@@ -13,7 +13,7 @@ import math
 import operator
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -120,6 +120,21 @@ def plan(
 def metric_shapes(owner: str, loop: Loop, single_params: Params) -> dict:
     if loop.eval_fn is None:
         return {}
+    try:
+        raw = jax.eval_shape(loop.eval_fn, single_params)
+    except TypeError as error:  # a string, None: not an array
+        raise ValueError(
+            f"{owner}: eval_fn(params) must return a dict {{name: scalar}} or one scalar ({error})"
+        ) from None
+    raw = dict(raw) if isinstance(raw, Mapping) else {"eval": raw}
+    for name, s in raw.items():
+        if not isinstance(name, str) or not isinstance(s, jax.ShapeDtypeStruct):
+            raise ValueError(
+                f"{owner}: eval_fn(params) must return a dict {{name: scalar}} with string names and one "
+                f"array each, got {name!r}: {s!r}"
+            )
+        if jnp.issubdtype(s.dtype, jnp.complexfloating):
+            raise ValueError(f"{owner}: eval_fn's metric {name!r} must be real, got {s.dtype}")
     shapes = jax.eval_shape(lambda p: evaluate(loop, p), single_params)
     for name, s in shapes.items():
         if s.shape != ():

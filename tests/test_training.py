@@ -385,6 +385,14 @@ def test_optax_transformations_run_in_fit():
             "fit: initial_step \\+ steps must be < 2\\*\\*31, got 2147483643 \\+ 60",
         ),
         (dict(progress="no"), "fit: progress must be True, False or a function"),  # showed the bar
+        # raw errors from inside the engine before, or (complex) a silently dropped imaginary part
+        (dict(eval_fn=lambda p: {"v": "high"}), "fit: eval_fn\\(params\\) must return a dict"),
+        (dict(eval_fn=lambda p: {0: p["b"].sum()}), "string names"),
+        (dict(eval_fn=lambda p: {"v": {"inner": p["b"].sum()}}), "string names and one array each"),
+        (
+            dict(eval_fn=lambda p: {"v": p["b"].sum() + 1j}),
+            "fit: eval_fn's metric 'v' must be real, got complex64",
+        ),
         # JAX's "Gradient only defined for scalar-output functions" named neither fit nor loss_fn
         (
             dict(loss_fn=lambda p, b: (b[0] @ p["w"] - b[1]) ** 2),
