@@ -63,8 +63,8 @@ def lr_range_test(
     """
     if not 0 < min_lr < max_lr:
         raise ValueError(f"lr_range_test: needs 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-    if steps < 2:
-        raise ValueError(f"lr_range_test: steps must be >= 2, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 2:
+        raise ValueError(f"lr_range_test: steps must be an int >= 2, got {steps!r}")
     schedule = exponential_schedule(min_lr, steps - 1, max_lr / min_lr)
     rates = np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float64)
     losses = np.asarray(

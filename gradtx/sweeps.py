@@ -87,6 +87,20 @@ def _as_configs(owner: str, configs: Configs) -> dict[str, np.ndarray]:
             f"{owner}: every field needs one value per configuration, got lengths "
             f"{ {k: (len(v) if v.ndim else 'scalar') for k, v in table.items()} }; {_ORDER}"
         )
+    for name, v in table.items():
+        if v.ndim != 1:
+            raise ValueError(
+                f"{owner}: configuration field {name!r} must hold one number per configuration, got shape "
+                f"{v.shape}"
+            )
+    seed = table.get("seed")
+    whole = seed is not None and (
+        seed.dtype.kind in "iu" or (seed.dtype.kind == "f" and (seed == np.round(seed)).all())
+    )
+    if seed is not None and not whole:
+        raise ValueError(f"{owner}: the seed field must hold whole numbers, got {seed.tolist()!r}")
+    if seed is not None:
+        table["seed"] = seed.astype(np.int64)
     return table
 
 
@@ -485,6 +499,11 @@ def compare(
                 f"compare: family {name!r} must be an optimizer (e.g. gradtx.adam(1e-3)) or a pair (make_tx, "
                 f"configs) to sweep, got {family!r}"
             )
+    if group_size is not None and not any(m.family.batched for m in members):
+        raise ValueError(
+            f"compare: group_size={group_size!r} groups the configurations of swept families, and every "
+            "family here is a single optimizer"
+        )
     results = train_members(
         "compare", members, loss_fn, data, steps, key=key, eval_fn=eval_fn, eval_every=eval_every,
         plateau_metric=plateau_metric, early_stopping=early_stopping, chunks=chunks, progress=progress,

@@ -319,6 +319,14 @@ def test_a_population_step_sees_every_configuration_between_periods():
         ({"learning_rate": [0.1, -0.2]}, "learning_rate must be >= 0, got -0.2"),
         # params given as a pytree and data not shuffled per seed: the seeds' runs were identical
         ({"learning_rate": [0.1, 0.1], "seed": [0, 1]}, "sweep: the configurations' seed field would change"),
+        (
+            {"learning_rate": [0.1, 0.1], "seed": [0, 0.5]},
+            "the seed field must hold whole numbers, got \\[0.0, 0.5\\]",
+        ),
+        (
+            {"learning_rate": [[0.1, 0.2], [0.3, 0.4]]},
+            "field 'learning_rate' must hold one number per configuration",
+        ),
     ],
 )
 def test_bad_sweeps_fail_before_compiling(configs, message):
@@ -400,6 +408,16 @@ def test_without_per_seed_every_seed_sees_the_same_batches():
 def test_compare_needs_a_family():
     with pytest.raises(ValueError, match="families must be a non-empty dict"):
         gradtx.compare(loss_fn, PARAMS, {}, (X, Y), STEPS)
+
+
+def test_compare_names_a_group_size_that_would_group_nothing():
+    with pytest.raises(ValueError, match="compare: group_size=2 groups the configurations of swept families"):
+        gradtx.compare(loss_fn, PARAMS, {"adam": gradtx.adam(0.01)}, (X, Y), STEPS, group_size=2)
+
+
+def test_range_test_names_a_step_count_that_is_not_an_int():
+    with pytest.raises(ValueError, match="lr_range_test: steps must be an int >= 2, got None"):
+        gradtx.lr_range_test(quadratic, QUAD_PARAMS, gradtx.sgd, NO_DATA, steps=None)
 
 
 @pytest.mark.parametrize("family", [gradtx.adam, (gradtx.adam,)], ids=["factory", "one-tuple"])
