@@ -10,6 +10,7 @@ outside its scan over steps, so that per-epoch work (a shuffle) is not repeated 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -147,11 +148,24 @@ def shuffled_batches(data: Any, batch_size: int, per_seed: bool = False) -> Shuf
 Spec = Indexed | FromFunction | Shuffled
 
 
+def takes_two(fn: Callable) -> bool:
+    """Whether ``fn(a, b)`` binds (True when the signature cannot be read, as for some builtins)."""
+    try:
+        inspect.signature(fn).bind(0, 0)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
 def source(data: Data) -> tuple[Spec, Any]:
     """``(spec, arrays)`` for ``data``, checked: arrays must agree on their number of batches."""
     if isinstance(data, ShuffledBatches):
         return Shuffled(data.batch_size, data.per_seed), data.data
     if callable(data):
+        if not takes_two(data):
+            raise ValueError(f"data: a function of data must take (step, key), got {data!r}")
         return FromFunction(data), ()
     leaves = jax.tree.leaves(data)
     if not leaves:

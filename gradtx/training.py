@@ -23,7 +23,7 @@ import numpy as np
 
 from gradtx.base import Params, State, Transformation, step_count
 from gradtx.checkpoints import Checkpoints, digest
-from gradtx.data import Data, source
+from gradtx.data import Data, source, takes_two
 from gradtx.engine import (
     EarlyStopping,
     EvalFn,
@@ -47,7 +47,7 @@ from gradtx.plateau import PlateauState
 
 def check_progress(owner: str, progress: Any) -> None:
     """``progress`` is a bool or a function ``(steps_done, steps)``; anything else (a string) is named."""
-    if not (isinstance(progress, bool) or callable(progress)):
+    if not (isinstance(progress, bool) or (callable(progress) and takes_two(progress))):
         raise ValueError(
             f"{owner}: progress must be True, False or a function (steps_done, steps), got {progress!r}"
         )

@@ -385,6 +385,8 @@ def test_optax_transformations_run_in_fit():
             "fit: initial_step \\+ steps must be < 2\\*\\*31, got 2147483643 \\+ 60",
         ),
         (dict(progress="no"), "fit: progress must be True, False or a function"),  # showed the bar
+        (dict(progress=lambda done: None), "fit: progress must be .* a function \\(steps_done, steps\\)"),
+        (dict(data=lambda step: (X[0], Y[0])), "data: a function of data must take \\(step, key\\)"),
         # raw errors from inside the engine before, or (complex) a silently dropped imaginary part
         (dict(eval_fn=lambda p: {"v": "high"}), "fit: eval_fn\\(params\\) must return a dict"),
         (dict(eval_fn=lambda p: {0: p["b"].sum()}), "string names"),
