@@ -82,9 +82,12 @@ def test_a_run_killed_mid_chunk_resumes_bit_identical(mode, tmp_path):
     outcome = interrupt(mode, directory, signal.SIGKILL)
     assert outcome.returncode == -signal.SIGKILL and "finished" not in outcome.stdout
     saved = committed(directory)
-    assert len(saved) == 1 and saved[0] < worker.STEPS // worker.EVERY  # killed before the end
+    # Killed before the end. The signal follows a commit closely, so it can land before the previous
+    # checkpoint is removed: two committed files, of which the resume reads the last.
+    assert saved and max(saved) < worker.STEPS // worker.EVERY and len(saved) <= 2
     resumed = worker.run(mode, str(directory))
     assert not list(directory.glob(".partial-*"))  # a save the kill cut short is removed, never read
+    assert committed(directory) == [worker.STEPS // worker.EVERY]  # the older ones removed
     assert_identical(resumed, worker.run(mode, None))
 
 
