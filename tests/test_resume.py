@@ -141,26 +141,10 @@ def test_a_checkpoint_of_another_optimizer_or_loss_is_not_resumed(tmp_path, tx, 
 def test_typed_prng_keys_in_the_params_and_the_data_key_are_checkpointed(tmp_path):
     # Flax NNX states hold typed keys (nnx.Rngs); they are saved as their key data and restored typed.
     params = {**PARAMS, "rng": jax.random.key(3)}
-    first = gradtx.fit(
-        loss_fn,
-        params,
-        gradtx.adam(0.01),
-        (X, Y),
-        STEPS,
-        chunks=3,
-        key=jax.random.key(0),
-        checkpoint_dir=tmp_path,
-    )
-    again = gradtx.fit(
-        loss_fn,
-        params,
-        gradtx.adam(0.01),
-        (X, Y),
-        STEPS,
-        chunks=3,
-        key=jax.random.key(0),
-        checkpoint_dir=tmp_path,
-    )
+    args = (loss_fn, params, gradtx.adam(0.01), (X, Y), STEPS)
+    options = dict(chunks=3, key=jax.random.key(0), checkpoint_dir=tmp_path)
+    first = gradtx.fit(*args, **options)
+    again = gradtx.fit(*args, **options)  # reads the finished run back
     assert jax.dtypes.issubdtype(again.params["rng"].dtype, jax.dtypes.prng_key)
     np.testing.assert_array_equal(
         jax.random.key_data(again.params["rng"]), jax.random.key_data(params["rng"])
