@@ -141,23 +141,18 @@ class Checkpoints:
             self._check(meta["fingerprint"])
             leaves, treedef = jax.tree.flatten(carry_like)
             saved_leaves = [arrays[f"c{i:05d}"] for i in range(meta["carry_leaves"])]
-            for i, (value, like) in enumerate(zip(saved_leaves, leaves, strict=False)):
-                width = np.dtype(np.uint32 if _is_key(like) else like.dtype).itemsize
-                shape = (
-                    (*like.shape, *jax.random.key_data(like).shape[like.ndim :])
-                    if _is_key(like)
-                    else like.shape
-                )
-                if value.shape != shape or value.dtype.itemsize != width:
-                    raise ValueError(
-                        f"checkpoint_dir {self.directory}: the saved state's leaf {i} is {value.dtype}"
-                        f"{list(value.shape)} where this run has {like.dtype}{list(like.shape)}"
-                    )
             if len(saved_leaves) != len(leaves):
                 raise ValueError(
                     f"checkpoint_dir {self.directory}: the saved state has {len(saved_leaves)} arrays where "
                     f"this run has {len(leaves)}"
                 )
+            for i, (value, like) in enumerate(zip(saved_leaves, leaves, strict=True)):
+                stored = jax.eval_shape(jax.random.key_data, like) if _is_key(like) else like  # as saved
+                if value.shape != stored.shape or value.dtype.itemsize != np.dtype(stored.dtype).itemsize:
+                    raise ValueError(
+                        f"checkpoint_dir {self.directory}: the saved state's leaf {i} is {value.dtype}"
+                        f"{list(value.shape)} where this run has {like.dtype}{list(like.shape)}"
+                    )
             carry = [_placed_like(value, like) for value, like in zip(saved_leaves, leaves, strict=True)]
             history = {name: arrays[f"h{i:05d}"] for i, name in enumerate(meta["history"])}
             return treedef.unflatten(carry), history, int(meta["periods_done"])

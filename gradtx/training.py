@@ -36,7 +36,6 @@ from gradtx.engine import (
     StepOutputs,
     TrainResult,
     across,
-    evaluate,
     new_run,
     run_chunk,
 )
@@ -135,7 +134,8 @@ def metric_shapes(owner: str, loop: Loop, single_params: Params) -> dict:
             )
         if jnp.issubdtype(s.dtype, jnp.complexfloating):
             raise ValueError(f"{owner}: eval_fn's metric {name!r} must be real, got {s.dtype}")
-    shapes = jax.eval_shape(lambda p: evaluate(loop, p), single_params)
+    # `evaluate` keeps these names and shapes (in float32): no second trace of eval_fn.
+    shapes = {name: jax.ShapeDtypeStruct(s.shape, jnp.float32) for name, s in raw.items()}
     for name, s in shapes.items():
         if s.shape != ():
             raise ValueError(f"{owner}: eval_fn's metric {name!r} must be a scalar, got shape {s.shape}")
@@ -339,15 +339,34 @@ def histories(p: Plan, carry: tuple, outputs: list, first_step: int) -> list[His
     return result
 
 
-def function_id(f: Any) -> str:
-    """A function's name and a digest of its bytecode and constants (nested functions included), the
-    same in every process: an edited loss function or another lambda is not the saved run's."""
-    f = inspect.unwrap(getattr(f, "func", f))  # functools.partial, jax.jit and decorated functions
+_PLAIN = (int, float, complex, str, bytes, bool, type(None), np.generic)
+
+
+def function_id(f: Any, depth: int = 0) -> str:
+    """A function's name and a digest of its bytecode and constants (nested functions included), of
+    the plain values (numbers, strings) bound by a ``functools.partial`` or held in its closure, and of
+    the functions it closes over; the same in every process: an edited loss function, another lambda
+    or another bound ``scale`` is not the saved run's. Other objects (arrays, modules) are left out:
+    their ``repr`` may hold a memory address."""
+    h = hashlib.blake2b(digest_size=6)
+
+    def value(v: Any) -> None:
+        if isinstance(v, _PLAIN):
+            h.update(repr(v).encode())
+        elif isinstance(v, tuple | list):
+            for x in v:
+                value(x)
+        elif callable(v) and depth < 4:
+            h.update(function_id(v, depth + 1).encode())
+
+    while isinstance(f, partial):  # functools.partial: the function and what it binds
+        value((f.args, tuple(sorted(f.keywords.items()))))
+        f = f.func
+    f = inspect.unwrap(f)  # jax.jit and decorated functions
     name = getattr(f, "__qualname__", type(f).__name__)
     code = getattr(f, "__code__", None) or getattr(type(f).__call__, "__code__", None)  # a callable object
     if code is None:
         return name
-    h = hashlib.blake2b(digest_size=6)
 
     def feed(c: types.CodeType) -> None:
         h.update(c.co_code)
@@ -358,6 +377,11 @@ def function_id(f: Any) -> str:
                 h.update(repr(const).encode())
 
     feed(code)
+    for cell in getattr(f, "__closure__", None) or ():
+        try:
+            value(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
     return f"{name}:{h.hexdigest()}"
 
 

@@ -1,6 +1,7 @@
 """Long runs survive: fit/sweep/compare resumed from their checkpoints (after SIGKILL or Ctrl-C) equal
 the uninterrupted run bit for bit, and fit continues from a saved optimizer state."""
 
+import functools
 import os
 import signal
 import subprocess
@@ -136,6 +137,24 @@ def test_a_checkpoint_of_another_optimizer_or_loss_is_not_resumed(tmp_path, tx, 
     gradtx.fit(loss_fn, PARAMS, gradtx.adam(0.01), (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=message):
         gradtx.fit(loss, PARAMS, tx, (X, Y), STEPS, chunks=3, checkpoint_dir=tmp_path)
+
+
+def scaled_loss(p, batch, scale):
+    return scale * loss_fn(p, batch)
+
+
+def closing_over(scale):
+    return lambda p, batch: scale * loss_fn(p, batch)
+
+
+@pytest.mark.parametrize("make", [lambda s: functools.partial(scaled_loss, scale=s), closing_over])
+def test_a_loss_that_binds_another_value_is_not_resumed(tmp_path, make):
+    # Same bytecode, another bound scale (a partial's keyword, a closure's cell): another run.
+    args = (gradtx.adam(0.01), (X, Y), STEPS)
+    first = gradtx.fit(make(1.0), PARAMS, *args, chunks=3, checkpoint_dir=tmp_path)
+    assert_identical(gradtx.fit(make(1.0), PARAMS, *args, chunks=3, checkpoint_dir=tmp_path), first)
+    with pytest.raises(ValueError, match="loss_fn: saved"):
+        gradtx.fit(make(2.0), PARAMS, *args, chunks=3, checkpoint_dir=tmp_path)
 
 
 def test_typed_prng_keys_in_the_params_and_the_data_key_are_checkpointed(tmp_path):
